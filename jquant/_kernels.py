@@ -1,0 +1,171 @@
+"""Per-format block kernels, byte-exact with ggml's reference quantizer.
+
+Every kernel takes float32 blocks shaped ``[..., n_blocks, 32]`` and reduces over the
+last axis, so leading axes (and their shardings) pass through untouched.
+
+XLA rewrites float arithmetic in ways C compilers don't by default, and each rewrite
+changes a few blocks per million. The guards below keep the arithmetic exactly as
+ggml writes it (see FORMATS.md "Traps"):
+
+* ``_exact_div`` hides the divisor behind an optimization barrier so that ``x / 127``
+  is not turned into ``x * (1/127)`` and ``1 / (a / c)`` is not simplified to ``c / a``.
+* ``_no_fma`` puts a data-dependent select between a multiply and the add that
+  follows, so LLVM cannot contract them into one fused multiply-add (an FMA rounds once,
+  ggml rounds twice).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._types import QuantType
+
+__all__ = ["dequantize_blocks", "quantize_blocks", "BLOCK"]
+
+BLOCK = 32
+_HALF = 16
+
+
+def _exact_div(a: jax.Array, b: float | jax.Array) -> jax.Array:
+    """``a / b`` computed as an IEEE division, never as a multiply by a reciprocal."""
+    b = jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape)
+    a, b = lax.optimization_barrier((a, b))
+    return a / b
+
+
+def _safe_recip(d: jax.Array) -> jax.Array:
+    """ggml's ``id = d ? 1.0f/d : 0.0f`` with ``d`` opaque to the simplifier."""
+    d = lax.optimization_barrier(d)
+    nonzero = d != 0
+    return jnp.where(nonzero, 1.0 / jnp.where(nonzero, d, 1.0), 0.0)
+
+
+def _no_fma(product: jax.Array, id_: jax.Array) -> jax.Array:
+    """Return ``product`` unchanged, behind a select LLVM can't fold into an FMA.
+
+    Both arms are non-constant (``product`` and ``product * 0``, which is -0/+0, or
+    NaN for infinite input, exactly what the product itself is when ``id == 0``),
+    so InstCombine cannot hoist the following add into the select.
+    """
+    return jnp.where(id_ == 0, product * jnp.float32(0.0), product)
+
+
+def _first_absmax(blocks: jax.Array) -> jax.Array:
+    """The signed value of the first element with the largest magnitude (ggml's ``max``)."""
+    idx = jnp.argmax(jnp.abs(blocks), axis=-1, keepdims=True)
+    return jnp.take_along_axis(blocks, idx, axis=-1)[..., 0]
+
+
+def _pack_nibbles(q: jax.Array) -> jax.Array:
+    """Element j goes to the low nibble of byte j, element j+16 to its high nibble."""
+    q = q.astype(jnp.uint8)
+    lo, hi = q[..., :_HALF], q[..., _HALF:]
+    return (lo & 0x0F) | (hi << 4)
+
+
+def _unpack_nibbles(qs: jax.Array) -> jax.Array:
+    return jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _pack_high_bits(q: jax.Array) -> jax.Array:
+    """Bit j of the uint32 ``qh`` is bit 4 of element j."""
+    bits = (q.astype(jnp.uint32) >> 4) & 1
+    return jnp.sum(bits << _bit_positions(bits.ndim), axis=-1, dtype=jnp.uint32)
+
+
+def _unpack_high_bits(qh: jax.Array) -> jax.Array:
+    return ((qh[..., None] >> _bit_positions(qh.ndim + 1)) & 1).astype(jnp.uint8)
+
+
+def _bit_positions(ndim: int) -> jax.Array:
+    return jnp.arange(BLOCK, dtype=jnp.uint32).reshape((1,) * (ndim - 1) + (BLOCK,))
+
+
+def _symmetric(blocks: jax.Array, levels: int, qmax: int):
+    """Q4_0 (levels=8) and Q5_0 (levels=16): d = max / -levels, q = trunc(x/d + levels + .5)."""
+    mx = _first_absmax(blocks)
+    d = mx / jnp.float32(-levels)  # division by a power of two: exact either way
+    id_ = _safe_recip(d)
+    p = _no_fma(blocks * id_[..., None], id_[..., None])
+    v = p + jnp.float32(levels + 0.5)
+    # (int8)v truncates toward zero; v >= 0 for every finite block, so floor == trunc.
+    q = jnp.minimum(jnp.trunc(v), jnp.float32(qmax)).astype(jnp.int32)
+    return d.astype(jnp.float16), q
+
+
+def _affine(blocks: jax.Array, qmax: int):
+    """Q4_1 (qmax=15) and Q5_1 (qmax=31): d = (max-min)/qmax, q = trunc((x-min)/d + .5)."""
+    mx = jnp.max(blocks, axis=-1)
+    mn = jnp.min(blocks, axis=-1)
+    d = _exact_div(mx - mn, float(qmax))
+    id_ = _safe_recip(d)
+    p = _no_fma((blocks - mn[..., None]) * id_[..., None], id_[..., None])
+    v = p + jnp.float32(0.5)
+    q = jnp.minimum(jnp.trunc(v), jnp.float32(qmax)).astype(jnp.int32)
+    return d.astype(jnp.float16), mn.astype(jnp.float16), q
+
+
+def _bf16_bits(x: jax.Array) -> jax.Array:
+    """ggml_compute_fp32_to_bf16: round to nearest even, NaN forced quiet."""
+    n = lax.bitcast_convert_type(x, jnp.uint32)
+    is_nan = (n & 0x7FFFFFFF) > 0x7F800000
+    rounded = (n + (0x7FFF + ((n >> 16) & 1))) >> 16
+    nan = (n >> 16) | 64
+    return jnp.where(is_nan, nan, rounded).astype(jnp.uint16)
+
+
+def quantize_blocks(blocks: jax.Array, qtype: QuantType) -> dict[str, jax.Array]:
+    """Quantize float32 ``[..., n_blocks, 32]`` blocks (or any shape for float formats).
+
+    Returns the leaves of a :class:`~jquant.QuantizedTensor`: ``qs`` and, as the format
+    needs them, ``d`` (fp16 scale), ``m`` (fp16 min) and ``qh`` (uint32 high bits).
+    """
+    if qtype is QuantType.Q8_0:
+        amax = jnp.max(jnp.abs(blocks), axis=-1)
+        d = _exact_div(amax, 127.0)
+        id_ = _safe_recip(d)
+        q = lax.round(blocks * id_[..., None], lax.RoundingMethod.AWAY_FROM_ZERO)
+        return {"qs": q.astype(jnp.int8), "d": d.astype(jnp.float16)}
+    if qtype is QuantType.Q4_0:
+        d, q = _symmetric(blocks, 8, 15)
+        return {"qs": _pack_nibbles(q), "d": d}
+    if qtype is QuantType.Q5_0:
+        d, q = _symmetric(blocks, 16, 31)
+        return {"qs": _pack_nibbles(q), "d": d, "qh": _pack_high_bits(q)}
+    if qtype is QuantType.Q4_1:
+        d, m, q = _affine(blocks, 15)
+        return {"qs": _pack_nibbles(q), "d": d, "m": m}
+    if qtype is QuantType.Q5_1:
+        d, m, q = _affine(blocks, 31)
+        return {"qs": _pack_nibbles(q), "d": d, "m": m, "qh": _pack_high_bits(q)}
+    if qtype is QuantType.F16:
+        return {"qs": blocks.astype(jnp.float16)}
+    if qtype is QuantType.BF16:
+        return {"qs": lax.bitcast_convert_type(_bf16_bits(blocks), jnp.bfloat16)}
+    if qtype is QuantType.F32:
+        return {"qs": blocks.astype(jnp.float32)}
+    raise AssertionError(qtype)  # QuantType.parse guarantees a known member
+
+
+def dequantize_blocks(leaves: dict[str, jax.Array], qtype: QuantType) -> jax.Array:
+    """Inverse of :func:`quantize_blocks`: float32 ``[..., n_blocks, 32]``.
+
+    Exact: an fp16 scale times a small integer is representable in float32, so the
+    result doesn't depend on fused multiply-adds.
+    """
+    qs = leaves["qs"]
+    if not qtype.is_block_quantized:
+        return qs.astype(jnp.float32)
+    d = leaves["d"].astype(jnp.float32)[..., None]
+    if qtype is QuantType.Q8_0:
+        return qs.astype(jnp.float32) * d
+    q = _unpack_nibbles(qs)
+    if qtype in (QuantType.Q5_0, QuantType.Q5_1):
+        q = q | (_unpack_high_bits(leaves["qh"]) << 4)
+    if qtype is QuantType.Q4_0:
+        return (q.astype(jnp.float32) - 8.0) * d
+    if qtype is QuantType.Q5_0:
+        return (q.astype(jnp.float32) - 16.0) * d
+    return q.astype(jnp.float32) * d + leaves["m"].astype(jnp.float32)[..., None]

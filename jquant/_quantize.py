@@ -1,0 +1,249 @@
+"""``quantize_tensor`` and ``dequantize_tensor``: the public entry points for one array."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from ._errors import NonFiniteError, ScaleOverflowError, UnsupportedDTypeError
+from ._kernels import BLOCK, dequantize_blocks, quantize_blocks
+from ._tensor import QuantizedTensor, num_blocks_for
+from ._types import QuantType, QuantTypeLike
+
+__all__ = ["dequantize_tensor", "quantize_tensor", "check_dtype"]
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+# Problem codes returned by the fused check.
+_OK, _NONFINITE, _OVERFLOW = 0, 1, 2
+
+
+def check_dtype(x: Any, name: str | None = None) -> np.dtype:
+    """Return ``x``'s dtype if jquant can quantize it, else raise UnsupportedDTypeError."""
+    dtype = getattr(x, "dtype", None)
+    dtype = np.dtype(dtype if dtype is not None else np.result_type(x))
+    if dtype.name not in _FLOAT_DTYPES:
+        what = f"tensor {name!r}" if name else "input"
+        raise UnsupportedDTypeError(
+            f"{what} has dtype {dtype.name}; jquant quantizes floating-point arrays "
+            f"({', '.join(_FLOAT_DTYPES)}). Leave integer, bool and complex arrays "
+            f"unquantized, or cast them with .astype(jnp.float32) if they are weights."
+        )
+    return dtype
+
+
+def _to_blocks(x: jax.Array, qtype: QuantType) -> jax.Array:
+    """float32 ``[*lead, nb, 32]`` (or ``x`` itself for float formats)."""
+    x = x.astype(jnp.float32)
+    if x.ndim == 0:
+        x = x.reshape(1)
+    if not qtype.is_block_quantized:
+        return x
+    n = x.shape[-1]
+    nb = num_blocks_for(n, qtype)
+    if n % BLOCK:
+        if x.size == 0:
+            x = jnp.zeros((*x.shape[:-1], nb * BLOCK), jnp.float32)
+        else:
+            # Repeat the row's last value: the padded block keeps its max, min and scale.
+            pad = [(0, 0)] * (x.ndim - 1) + [(0, nb * BLOCK - n)]
+            x = jnp.pad(x, pad, mode="edge")
+    return x.reshape(*x.shape[:-1], nb, BLOCK)
+
+
+def _diagnose(blocks: jax.Array, leaves: dict[str, jax.Array], qtype: QuantType):
+    """(code, flat block index, offending value) of the first bad block, code 0 if none."""
+    width = blocks.shape[-1] if qtype.is_block_quantized else 1
+    flat = blocks.reshape(-1, width)
+    if flat.shape[0] == 0:
+        z = jnp.zeros((), jnp.int32)
+        return z, z, jnp.zeros((), jnp.float32)
+    nonfinite = ~jnp.isfinite(flat).all(axis=-1)
+    if not qtype.is_block_quantized:
+        # F16/BF16/F32 store NaN/Inf faithfully; only finite values that overflow matter.
+        nonfinite = jnp.zeros_like(nonfinite)
+    if qtype.is_block_quantized:
+        overflow = ~jnp.isfinite(leaves["d"].reshape(-1))
+        if "m" in leaves:
+            overflow |= ~jnp.isfinite(leaves["m"].reshape(-1))
+    else:
+        overflow = ~jnp.isfinite(leaves["qs"].astype(jnp.float32).reshape(-1)) & jnp.isfinite(
+            flat[:, 0]
+        )
+    bad = nonfinite | overflow
+    idx = jnp.argmax(bad).astype(jnp.int32)
+    code = jnp.where(bad[idx], jnp.where(nonfinite[idx], _NONFINITE, _OVERFLOW), _OK)
+    row = flat[idx]
+    # the offending value: the first non-finite one, else the largest magnitude
+    nf_pos = jnp.argmax(~jnp.isfinite(row))
+    big_pos = jnp.argmax(jnp.abs(row))
+    val = jnp.where(code == _NONFINITE, row[nf_pos], row[big_pos])
+    pos = jnp.where(code == _NONFINITE, nf_pos, big_pos).astype(jnp.int32)
+    return code.astype(jnp.int32), idx * flat.shape[-1] + pos, val
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "diagnose"))
+def _quantize_jit(x, lo, hi, *, qtype: QuantType, diagnose: bool):
+    if lo is not None:
+        x = jnp.clip(x.astype(jnp.float32), lo, hi)
+    blocks = _to_blocks(x, qtype)
+    leaves = quantize_blocks(blocks, qtype)
+    diag = _diagnose(blocks, leaves, qtype) if diagnose else None
+    return leaves, diag
+
+
+def _clip_bounds(clip: Any):
+    if clip is None:
+        return None, None
+    if hasattr(clip, "clip_range"):
+        lo, hi = clip.clip_range()
+    else:
+        lo, hi = clip
+    return jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+
+
+def _raise_problem(code: int, element: int, value: float, x_shape, qtype: QuantType, name):
+    what = f"tensor {name!r}" if name else "the input"
+    n = x_shape[-1] if x_shape else 1
+    n_padded = num_blocks_for(n, qtype) * qtype.block_size if qtype.is_block_quantized else n
+    row, col = divmod(element, n_padded)
+    col = min(col, n - 1)
+    lead = tuple(int(i) for i in np.unravel_index(row, x_shape[:-1])) if len(x_shape) > 1 else ()
+    index = (*lead, col) if x_shape else ()
+    block = element // qtype.block_size if qtype.is_block_quantized else element
+    where = f"block {block} (element {index})" if qtype.is_block_quantized else f"element {index}"
+    fix = (
+        "Keep this tensor in F32/BF16 (e.g. a rule mapping it to 'f32'), or clip it first "
+        "(quantize_tensor(..., clip=(lo, hi)))."
+    )
+    if code == _NONFINITE:
+        raise NonFiniteError(
+            f"{what} holds a non-finite value ({value}) at {where}; a NaN/Inf would make every "
+            f"weight of its {qtype.name} block NaN. Replace or mask non-finite values before "
+            f"quantizing (jnp.nan_to_num), or keep this tensor in F32."
+        )
+    limit = 65504.0
+    if qtype.is_block_quantized:
+        divisor = {QuantType.Q8_0: 127, QuantType.Q4_0: 8, QuantType.Q5_0: 16}.get(qtype)
+        bound = (
+            f"|x| <= {limit * divisor:.6g}"
+            if divisor
+            else f"max - min <= {limit * (15 if qtype is QuantType.Q4_1 else 31):.6g} and |min| <= {limit:.6g}"
+        )
+        raise ScaleOverflowError(
+            f"{what}: the {qtype.name} scale of {where} overflows float16 (largest value {value:.6g}; "
+            f"{qtype.name} needs {bound}). {fix}"
+        )
+    raise ScaleOverflowError(
+        f"{what}: value {value:.6g} at {where} overflows {qtype.name} (max {limit:g}). {fix}"
+    )
+
+
+def quantize_tensor(
+    x: jax.typing.ArrayLike,
+    qtype: QuantTypeLike,
+    *,
+    clip: Any = None,
+    check: bool | None = None,
+    name: str | None = None,
+) -> QuantizedTensor:
+    """Quantize an array into a GGML format, byte-exact with ggml's reference quantizer.
+
+    Blocks of 32 run along the last axis; a last axis that isn't a multiple of 32 is
+    padded inside its last block and restored on dequantize. Pure and jittable (the
+    format is static); vmap works over leading axes.
+
+    Args:
+        x: a float16, bfloat16, float32 or float64 array of any shape, scalars included.
+        qtype: a :class:`QuantType` or its name (``"q4_0"``, ``"int8"``, ...).
+        clip: optional ``(lo, hi)`` or a :class:`CalibrationData`; values are clipped to
+          that range first (outlier clipping).
+        check: raise on NaN/Inf input or a block scale that overflows float16. ``None``
+          (default) checks when ``x`` is concrete and skips the check under ``jit``;
+          ``True`` under ``jit`` uses ``jax.experimental.checkify`` (wrap the caller in
+          ``checkify.checkify``); ``False`` never checks (non-finite blocks then
+          dequantize to NaN, as in ggml).
+        name: the tensor's name (e.g. its pytree path) used in error messages.
+
+    Returns:
+        A :class:`QuantizedTensor` remembering ``x``'s shape and dtype.
+
+    Raises:
+        UnsupportedDTypeError: integer, bool or complex input.
+        NonFiniteError: NaN or Inf in ``x`` (when checked).
+        ScaleOverflowError: a block whose scale overflows float16 (when checked).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jquant
+        >>> x = jax.random.normal(jax.random.key(0), (4, 64))
+        >>> q = jquant.quantize_tensor(x, "q8_0")
+        >>> q.shape, q.qtype.name, q.nbytes
+        ((4, 64), 'Q8_0', 272)
+        >>> y = jquant.dequantize_tensor(q)
+        >>> bool(jnp.max(jnp.abs(y - x)) < 0.03)
+        True
+        >>> jquant.quantize_tensor(jnp.array([1.0, jnp.nan]), "q4_0")
+        Traceback (most recent call last):
+        ...
+        jquant._errors.NonFiniteError: the input holds a non-finite value (nan) at block 0 (element (1,)); ...
+    """
+    qtype = QuantType.parse(qtype)
+    check_dtype(x, name)
+    x = jnp.asarray(x)
+    dtype = np.dtype(x.dtype)  # float64 becomes float32 unless jax_enable_x64 is on
+    lo, hi = _clip_bounds(clip)
+    traced = isinstance(x, jax.core.Tracer) or any(
+        isinstance(b, jax.core.Tracer) for b in (lo, hi) if b is not None
+    )
+    if check is None:
+        check = not traced
+    diagnose = bool(check)
+    leaves, diag = _quantize_jit(x, lo, hi, qtype=qtype, diagnose=diagnose)
+    if diagnose:
+        code, element, value = diag
+        if traced:
+            checkify.check(
+                code == _OK,
+                f"{name or 'input'}: non-finite value or {qtype.name} scale overflow at flat "
+                "element {element} (value {value}); keep this tensor in F32 or clip it",
+                element=element,
+                value=value,
+            )
+        elif int(code) != _OK:
+            _raise_problem(int(code), int(element), float(value), tuple(x.shape), qtype, name)
+    return QuantizedTensor(**leaves, shape=tuple(x.shape), dtype=dtype, qtype=qtype)
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "shape", "dtype"))
+def _dequantize_jit(leaves, *, qtype: QuantType, shape, dtype):
+    vals = dequantize_blocks(leaves, qtype)
+    n = shape[-1] if shape else 1
+    if qtype.is_block_quantized:
+        vals = vals.reshape(*vals.shape[:-2], -1)[..., :n]
+    # leading axes beyond the logical shape come from vmap-style batching
+    extra = vals.shape[: vals.ndim - max(len(shape), 1)]
+    return vals.reshape(*extra, *shape).astype(dtype)
+
+
+def dequantize_tensor(q: QuantizedTensor, dtype: Any = None) -> jax.Array:
+    """Turn a :class:`QuantizedTensor` back into an array of its original shape.
+
+    Byte-exact with ``gguf.quants.dequantize`` (float32), then cast to ``dtype``,
+    which defaults to the dtype the tensor was quantized from.
+
+    Example:
+        >>> import jax.numpy as jnp, jquant
+        >>> q = jquant.quantize_tensor(jnp.ones((3, 40), jnp.bfloat16), "q4_1")
+        >>> y = jquant.dequantize_tensor(q)
+        >>> y.shape, y.dtype
+        ((3, 40), dtype(bfloat16))
+    """
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"dequantize_tensor expects a QuantizedTensor, got {type(q).__name__}")
+    out_dtype = np.dtype(dtype) if dtype is not None else q.dtype
+    return _dequantize_jit(q.leaves(), qtype=q.qtype, shape=q.shape, dtype=out_dtype)
