@@ -9,9 +9,9 @@ ggml writes it (see FORMATS.md "Traps"):
 
 * ``_exact_div`` hides the divisor behind an optimization barrier so that ``x / 127``
   is not turned into ``x * (1/127)`` and ``1 / (a / c)`` is not simplified to ``c / a``.
-* ``_no_fma`` puts a data-dependent select between a multiply and the add that
-  follows, so LLVM cannot contract them into one fused multiply-add (an FMA rounds once,
-  ggml rounds twice).
+* ``_no_fma`` passes a product through an integer identity LLVM can't see through, so
+  the multiply and the add that follows are never contracted into one fused
+  multiply-add (an FMA rounds once, ggml rounds twice).
 """
 
 from __future__ import annotations
@@ -35,27 +35,42 @@ def _exact_div(a: jax.Array, b: float | jax.Array) -> jax.Array:
     return a / b
 
 
+_TINY = float(jnp.finfo(jnp.float32).tiny)  # 2**-126, the smallest normal float32
+
+
 def _safe_recip(d: jax.Array) -> jax.Array:
-    """ggml's ``id = d ? 1.0f/d : 0.0f`` with ``d`` opaque to the simplifier."""
-    d = lax.optimization_barrier(d)
-    nonzero = d != 0
-    return jnp.where(nonzero, 1.0 / jnp.where(nonzero, d, 1.0), 0.0)
+    """ggml's ``id = d ? 1.0f/d : 0.0f`` with ``d`` opaque to the simplifier.
 
-
-def _no_fma(product: jax.Array, id_: jax.Array) -> jax.Array:
-    """Return ``product`` unchanged, behind a select LLVM can't fold into an FMA.
-
-    Both arms are non-constant (``product`` and ``product * 0``, which is -0/+0, or
-    NaN for infinite input, exactly what the product itself is when ``id == 0``),
-    so InstCombine cannot hoist the following add into the select.
+    A scale that is an f32 subnormal counts as zero. XLA:CPU flushes subnormals to zero
+    anyway; doing it explicitly keeps every backend identical. Such a block's fp16 scale
+    is 0 in ggml too, so it dequantizes to the same values; only its (meaningless)
+    quants differ from ggml's, whose ``1/d`` there is huge or infinite.
     """
-    return jnp.where(id_ == 0, product * jnp.float32(0.0), product)
+    d = lax.optimization_barrier(d)
+    normal = jnp.abs(d) >= _TINY
+    return jnp.where(normal, 1.0 / jnp.where(normal, d, 1.0), 0.0)
+
+
+def _no_fma(product: jax.Array) -> jax.Array:
+    """Return ``product`` unchanged, in a form LLVM can't contract into an FMA.
+
+    The bits pass through an integer xor with ``product != product`` (0 unless NaN, which
+    stays NaN). LLVM can't prove that zero, so the multiply's rounded result must exist
+    before the add that follows. A select, ``reduce_precision`` or an optimization
+    barrier don't survive fusion (tests/test_exact.py's 1/3-scaled ties catch them).
+    """
+    bits = lax.bitcast_convert_type(product, jnp.uint32)
+    bits = bits ^ (product != product).astype(jnp.uint32)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _first_at(blocks: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
 
 
 def _first_absmax(blocks: jax.Array) -> jax.Array:
     """The signed value of the first element with the largest magnitude (ggml's ``max``)."""
-    idx = jnp.argmax(jnp.abs(blocks), axis=-1, keepdims=True)
-    return jnp.take_along_axis(blocks, idx, axis=-1)[..., 0]
+    return _first_at(blocks, jnp.argmax(jnp.abs(blocks), axis=-1))
 
 
 def _pack_nibbles(q: jax.Array) -> jax.Array:
@@ -88,7 +103,7 @@ def _symmetric(blocks: jax.Array, levels: int, qmax: int):
     mx = _first_absmax(blocks)
     d = mx / jnp.float32(-levels)  # division by a power of two: exact either way
     id_ = _safe_recip(d)
-    p = _no_fma(blocks * id_[..., None], id_[..., None])
+    p = _no_fma(blocks * id_[..., None])
     v = p + jnp.float32(levels + 0.5)
     # (int8)v truncates toward zero; v >= 0 for every finite block, so floor == trunc.
     q = jnp.minimum(jnp.trunc(v), jnp.float32(qmax)).astype(jnp.int32)
@@ -97,11 +112,13 @@ def _symmetric(blocks: jax.Array, levels: int, qmax: int):
 
 def _affine(blocks: jax.Array, qmax: int):
     """Q4_1 (qmax=15) and Q5_1 (qmax=31): d = (max-min)/qmax, q = trunc((x-min)/d + .5)."""
-    mx = jnp.max(blocks, axis=-1)
-    mn = jnp.min(blocks, axis=-1)
+    # ggml's loop keeps the first element attaining the min (max); that only shows in
+    # the sign of a zero min, which gguf's numpy leaves to SIMD lane order.
+    mx = _first_at(blocks, jnp.argmax(blocks, axis=-1))
+    mn = _first_at(blocks, jnp.argmin(blocks, axis=-1))
     d = _exact_div(mx - mn, float(qmax))
     id_ = _safe_recip(d)
-    p = _no_fma((blocks - mn[..., None]) * id_[..., None], id_[..., None])
+    p = _no_fma((blocks - mn[..., None]) * id_[..., None])
     v = p + jnp.float32(0.5)
     q = jnp.minimum(jnp.trunc(v), jnp.float32(qmax)).astype(jnp.int32)
     return d.astype(jnp.float16), mn.astype(jnp.float16), q

@@ -224,7 +224,7 @@ def _dequantize_jit(leaves, *, qtype: QuantType, shape, dtype):
     vals = dequantize_blocks(leaves, qtype)
     n = shape[-1] if shape else 1
     if qtype.is_block_quantized:
-        vals = vals.reshape(*vals.shape[:-2], -1)[..., :n]
+        vals = vals.reshape(*vals.shape[:-2], vals.shape[-2] * vals.shape[-1])[..., :n]
     # leading axes beyond the logical shape come from vmap-style batching
     extra = vals.shape[: vals.ndim - max(len(shape), 1)]
     return vals.reshape(*extra, *shape).astype(dtype)
