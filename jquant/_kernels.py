@@ -64,13 +64,33 @@ def _no_fma(product: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _first_at(blocks: jax.Array, idx: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
+def _first_sign_key(blocks: jax.Array, hit: jax.Array) -> jax.Array:
+    """``2 * j + signbit(x_j)`` for the first ``j`` where ``hit`` is true (64 if none).
+
+    One integer min-reduction instead of an argmax (a variadic reduce XLA:CPU doesn't
+    vectorise) followed by a gather.
+    """
+    iota = lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim - 1)
+    key = 2 * iota + jnp.signbit(blocks).astype(jnp.int32)
+    return jnp.min(jnp.where(hit, key, 2 * BLOCK), axis=-1)
 
 
 def _first_absmax(blocks: jax.Array) -> jax.Array:
-    """The signed value of the first element with the largest magnitude (ggml's ``max``)."""
-    return _first_at(blocks, jnp.argmax(jnp.abs(blocks), axis=-1))
+    """The signed value of the first element with the largest magnitude (gguf's ``max``)."""
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    key = _first_sign_key(blocks, jnp.abs(blocks) == amax[..., None])
+    return jnp.where((key & 1) == 1, -amax, amax)
+
+
+def _first_extreme(blocks: jax.Array, value: jax.Array) -> jax.Array:
+    """``value`` (a min or max of ``blocks``) with the sign of the first element equal to it.
+
+    Only a zero can differ: ggml's loop keeps the first zero it meets, XLA's min returns
+    -0 whenever one is present.
+    """
+    key = _first_sign_key(blocks, blocks == value[..., None])
+    signed_zero = jnp.where((key & 1) == 1, jnp.float32(-0.0), jnp.float32(0.0))
+    return jnp.where(value == 0, signed_zero, value)
 
 
 def _pack_nibbles(q: jax.Array) -> jax.Array:
@@ -114,8 +134,8 @@ def _affine(blocks: jax.Array, qmax: int):
     """Q4_1 (qmax=15) and Q5_1 (qmax=31): d = (max-min)/qmax, q = trunc((x-min)/d + .5)."""
     # ggml's loop keeps the first element attaining the min (max); that only shows in
     # the sign of a zero min, which gguf's numpy leaves to SIMD lane order.
-    mx = _first_at(blocks, jnp.argmax(blocks, axis=-1))
-    mn = _first_at(blocks, jnp.argmin(blocks, axis=-1))
+    mx = _first_extreme(blocks, jnp.max(blocks, axis=-1))
+    mn = _first_extreme(blocks, jnp.min(blocks, axis=-1))
     d = _exact_div(mx - mn, float(qmax))
     id_ = _safe_recip(d)
     p = _no_fma((blocks - mn[..., None]) * id_[..., None])
