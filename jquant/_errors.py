@@ -14,7 +14,9 @@ problem and the fix.
     ├── NonFiniteError(QuantError)                    NaN/Inf in a tensor being quantized
     ├── ScaleOverflowError(QuantError)                a block scale that overflows float16
     ├── CalibrationError(QuantError)                  bad calibration input or parameters
-    └── FileFormatError(QuantError)                   corrupt, truncated or unknown files
+    ├── FileFormatError(QuantError)                   corrupt, truncated or unknown files
+    └── FileWriteError(QuantError, OSError)           a file that can't be written (disk
+                                                      full, permission denied, bad path)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "CalibrationError",
     "FileFormatError",
+    "FileWriteError",
     "NonFiniteError",
     "QuantError",
     "ScaleOverflowError",
@@ -70,3 +73,10 @@ class CalibrationError(QuantError):
 
 class FileFormatError(QuantError):
     """A file that is corrupt, truncated, or not in the format expected."""
+
+
+class FileWriteError(QuantError, OSError):
+    """A file that could not be written: disk full, permission denied, a bad path.
+
+    Writes are atomic, so when this is raised no partial file is left behind.
+    """

@@ -135,8 +135,8 @@ class QuantizedTensor:
             arr = np.asarray(self.qs)
             if arr.dtype != np.float32 and arr.dtype != np.float16:
                 arr = arr.view(np.uint16)  # bfloat16 -> its bits
-            arr = np.ascontiguousarray(arr).reshape(*lead, -1)
-            return arr.view(np.uint8).reshape(*lead, -1)
+            arr = np.ascontiguousarray(arr).reshape(*lead, self.shape[-1] if self.shape else 1)
+            return arr.view(np.uint8).reshape(*lead, self.qtype.row_bytes(arr.shape[-1]))
         nb = num_blocks_for(_row_len(self.shape), self.qtype)
         parts = [_as_bytes(self.d, np.float16)]
         if self.m is not None:
@@ -144,7 +144,7 @@ class QuantizedTensor:
         if self.qh is not None:
             parts.append(_as_bytes(self.qh, np.dtype("<u4")))
         qs = np.asarray(self.qs)
-        parts.append(qs.view(np.uint8).reshape(*qs.shape[:-2], nb, -1))
+        parts.append(qs.view(np.uint8).reshape(*qs.shape[:-2], nb, qs.shape[-1]))
         return np.concatenate(parts, axis=-1).reshape(*lead, nb * self.qtype.bytes_per_block)
 
     @classmethod
@@ -241,7 +241,7 @@ def _block_fields(qtype: QuantType) -> list[tuple[str, int, np.dtype]]:
 
 def _as_bytes(a: Any, dt: np.dtype | type) -> np.ndarray:
     arr = np.ascontiguousarray(np.asarray(a).astype(np.dtype(dt)))
-    return arr.view(np.uint8).reshape(*arr.shape, -1)
+    return arr.view(np.uint8).reshape(*arr.shape, arr.dtype.itemsize)
 
 
 def _human(n: float) -> str:

@@ -157,6 +157,10 @@ def test_empty_arrays(fmt, shape):
     q = jquant.quantize_tensor(jnp.zeros(shape, jnp.float32), fmt)
     assert q.nbytes == 0 and q.num_blocks == 0 and q.shape == shape
     assert jquant.dequantize_tensor(q).shape == shape
+    raw = q.to_bytes()
+    assert raw.size == 0 and raw.shape[:-1] == shape[:-1]
+    back = jquant.QuantizedTensor.from_bytes(raw, fmt, shape=shape)
+    assert jquant.dequantize_tensor(back).shape == shape
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
