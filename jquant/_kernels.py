@@ -5,10 +5,11 @@ last axis, so leading axes (and their shardings) pass through untouched.
 
 XLA rewrites float arithmetic in ways C compilers don't by default, and each rewrite
 changes a few blocks per million. The guards below keep the arithmetic exactly as
-ggml writes it (see FORMATS.md "Traps"):
+ggml writes it:
 
-* ``_exact_div`` hides the divisor behind an optimization barrier so that ``x / 127``
-  is not turned into ``x * (1/127)`` and ``1 / (a / c)`` is not simplified to ``c / a``.
+* ``_exact_div`` and ``_safe_recip`` hide the divisor from the compiler (``_opaque``) so
+  that ``x / 127`` is not turned into ``x * (1/127)`` and ``1 / (a / c)`` is not
+  simplified to ``c / a``.
 * ``_no_fma`` passes a product through an integer identity LLVM can't see through, so
   the multiply and the add that follows are never contracted into one fused
   multiply-add (an FMA rounds once, ggml rounds twice).
@@ -28,40 +29,47 @@ BLOCK = 32
 _HALF = 16
 
 
-def _exact_div(a: jax.Array, b: float | jax.Array) -> jax.Array:
-    """``a / b`` computed as an IEEE division, never as a multiply by a reciprocal."""
-    b = jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape)
-    a, b = lax.optimization_barrier((a, b))
-    return a / b
+def _opaque(x: jax.Array, dep: jax.Array | None = None) -> jax.Array:
+    """``x`` unchanged, in a form neither XLA nor LLVM can reason about.
+
+    The bits of ``x`` are xor-ed with ``dep != dep`` (0 unless ``dep`` is NaN, and then
+    the result is NaN anyway). No compiler can prove that zero, so the value that comes
+    out is a run-time unknown: it isn't constant-folded, a division by it can't become
+    a multiply by a reciprocal, ``1 / (a / c)`` can't be simplified, and a product
+    passed through it must be rounded before the add that follows (no FMA contraction).
+    Optimization barriers, selects and ``reduce_precision`` don't survive XLA's fusion
+    passes for this (tests/test_exact.py's 1/3-scaled ties catch them).
+    """
+    dep = x if dep is None else dep
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    bits = bits ^ (dep != dep).astype(jnp.uint32)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _exact_div(a: jax.Array, b: float) -> jax.Array:
+    """``a / b`` computed as an IEEE division, never as a multiply by ``1/b``."""
+    return a / _opaque(jnp.full(a.shape, b, jnp.float32), dep=a)
 
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)  # 2**-126, the smallest normal float32
 
 
 def _safe_recip(d: jax.Array) -> jax.Array:
-    """ggml's ``id = d ? 1.0f/d : 0.0f`` with ``d`` opaque to the simplifier.
+    """ggml's ``id = d ? 1.0f/d : 0.0f``, with ``d`` opaque to the simplifier.
 
     A scale that is an f32 subnormal counts as zero. XLA:CPU flushes subnormals to zero
     anyway; doing it explicitly keeps every backend identical. Such a block's fp16 scale
     is 0 in ggml too, so it dequantizes to the same values; only its (meaningless)
     quants differ from ggml's, whose ``1/d`` there is huge or infinite.
     """
-    d = lax.optimization_barrier(d)
+    d = _opaque(d)
     normal = jnp.abs(d) >= _TINY
     return jnp.where(normal, 1.0 / jnp.where(normal, d, 1.0), 0.0)
 
 
 def _no_fma(product: jax.Array) -> jax.Array:
-    """Return ``product`` unchanged, in a form LLVM can't contract into an FMA.
-
-    The bits pass through an integer xor with ``product != product`` (0 unless NaN, which
-    stays NaN). LLVM can't prove that zero, so the multiply's rounded result must exist
-    before the add that follows. A select, ``reduce_precision`` or an optimization
-    barrier don't survive fusion (tests/test_exact.py's 1/3-scaled ties catch them).
-    """
-    bits = lax.bitcast_convert_type(product, jnp.uint32)
-    bits = bits ^ (product != product).astype(jnp.uint32)
-    return lax.bitcast_convert_type(bits, jnp.float32)
+    """``product``, rounded: the add that follows can't be fused into an FMA with it."""
+    return _opaque(product)
 
 
 def _first_sign_key(blocks: jax.Array, hit: jax.Array) -> jax.Array:

@@ -282,3 +282,25 @@ def test_bf16_nan_and_rounding_bits():
     y = jquant.dequantize_tensor(jquant.QuantizedTensor.from_bytes(got, "BF16"))
     assert y.dtype == np.float32 and np.isnan(np.asarray(y)[:2]).all()
     assert np.asarray(jquant.quantize_tensor(x, "BF16").qs).dtype == ml_dtypes.bfloat16
+
+
+def test_the_adversarial_data_catches_a_naive_port():
+    """Without the guards in _kernels.py, XLA:CPU fuses x*id + 8.5 into an FMA and the
+    1/3-scaled ties differ from ggml: proof that the data above can see the bug."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the contraction shown here is XLA:CPU's")
+    x = jnp.asarray(CASES["ties_q4_0.333"].reshape(-1, 32))
+
+    @jax.jit
+    def naive_q4_0(b):
+        idx = jnp.argmax(jnp.abs(b), axis=-1, keepdims=True)
+        d = jnp.take_along_axis(b, idx, axis=-1) / -8.0
+        id_ = jnp.where(d == 0, 0.0, 1.0 / d)
+        return jnp.minimum(jnp.trunc(b * id_ + 8.5), 15.0).astype(jnp.uint8)
+
+    q = np.asarray(jquant.quantize_tensor(x, "q4_0").qs)
+    guarded = np.concatenate([q & 15, q >> 4], axis=-1).reshape(-1, 32)
+    naive = np.asarray(naive_q4_0(x))
+    assert (naive != guarded).any(-1).sum() > 0
+    ref = gguf_quantize(np.asarray(x), "Q4_0")[:, 2:]
+    np.testing.assert_array_equal(guarded, np.concatenate([ref & 15, ref >> 4], axis=-1))
