@@ -1,0 +1,732 @@
+"""Whole-model quantization: :func:`quantize_model` and :func:`dequantize_model`.
+
+How it stays fast and frugal: leaves are grouped by format and their 32-value blocks
+streamed through chunks of ``chunk_blocks`` blocks (4 MiB of float32 by default, so a
+chunk stays in cache), each quantized by one call of one jitted program. A model costs
+one XLA compile per format (plus one per power-of-two size for models smaller than a
+chunk), shared by every later model, never one per leaf shape. A leaf of at least a
+chunk gets chunks of its own that XLA reads in place (on CPU, aligned host memory is
+aliased, not copied); its remainder and the small leaves are copied into shared
+chunks, which are filled while the previous chunk is being quantized. Packed results
+go straight into each leaf's output arrays, so the host holds the parameters, the
+packed output and a few chunks: never a second copy of the model.
+
+Leaves sharded over several devices (``NamedSharding``) are quantized one by one
+under ``jax.jit`` with output shardings derived from the input's, so they are never
+gathered onto one device.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ._errors import NonFiniteError, QuantError, ShapeError
+from ._kernels import BLOCK, dequantize_blocks, quantize_blocks
+from ._quantize import _to_blocks, dequantize_tensor, quantize_tensor
+from ._report import LeafReport, ModelReport
+from ._rules import DEFAULT_MIN_SIZE, Decision, decide, parse_rules, path_to_str
+from ._tensor import QuantizedTensor, num_blocks_for
+from ._types import QuantType, QuantTypeLike
+
+__all__ = ["dequantize_model", "quantize_model"]
+
+CHUNK_BLOCKS = 1 << 15
+"""Blocks per chunk: 1M values, 4 MiB of float32, small enough to stay in cache."""
+_MIN_BUCKET = 1 << 10
+
+
+def quantize_model(
+    params: Any,
+    qtype_or_rules: QuantTypeLike | Mapping[str, Any] | list[tuple[str, Any]],
+    *,
+    min_size: int = DEFAULT_MIN_SIZE,
+    keep_1d: bool = True,
+    report: bool = False,
+    check: bool = True,
+    chunk_blocks: int = CHUNK_BLOCKS,
+) -> Any:
+    """Quantize every weight of a parameter pytree, returning the same structure.
+
+    Works on any pytree: Flax linen ``{'params': ...}`` dicts, Flax nnx ``State`` (and
+    ``nnx.to_pure_dict``), Haiku dicts, Equinox modules, plain dicts and lists, and a list
+    of ``(name, array)`` pairs (the seed crate's layout, where the name is the path).
+    Quantized leaves become :class:`QuantizedTensor`; every other leaf is returned as is.
+
+    Formats are chosen per leaf from its '/'-joined path (``'params/Dense_0/kernel'``;
+    an nnx ``Variable``'s ``.value`` is left out). Defaults come first: leaves that are
+    not floating-point arrays, 1-D leaves (``keep_1d``) and tensors with fewer than
+    ``min_size`` values stay unquantized. Then the first rule whose regex
+    ``re.search``-es the path decides; a rule format of ``None`` or ``'keep'`` leaves
+    the leaf unquantized, and a leaf no rule matches stays unquantized. Every leaf left
+    unquantized appears in the report with its reason.
+
+    Leaves are grouped by format and quantized in fixed-size chunks of blocks: one XLA
+    program per format (and chunk size) however many leaf shapes the model has, reused
+    by later models; the bytes are those of :func:`quantize_tensor` on each leaf. Leaves
+    on one device are read on the host (a copy from an accelerator) and the packed
+    leaves put back on the default device. Leaves sharded over several devices
+    (``NamedSharding``) are quantized in place on their devices: the packed arrays are
+    sharded like the input (a split last axis splits the block axis) and
+    :func:`dequantize_model` gives back the input's sharding. For multi-host models,
+    run ``jax.distributed.initialize()`` on every host and call ``quantize_model`` on
+    the globally sharded parameters on all of them (it is SPMD: each host quantizes
+    its own shards; nothing is gathered). Under ``jax.jit`` each leaf is quantized by
+    ``quantize_tensor`` inside the traced program, unchecked.
+
+    Args:
+        params: the parameter pytree.
+        qtype_or_rules: one format for every leaf (``"q4_0"``, ``QuantType.Q8_0``), or
+          ordered rules: a dict ``{regex: format}`` or a list of ``(regex, format)``
+          pairs, first match wins; ``None``/``'keep'`` means leave unquantized.
+        min_size: tensors with fewer values stay unquantized (0 turns this off).
+        keep_1d: keep 1-D leaves and scalars (biases, norm scales) unquantized.
+        report: also return a :class:`ModelReport` (with error statistics per leaf).
+        check: raise :class:`NonFiniteError` / :class:`ScaleOverflowError` naming the
+          leaf's path and block when a leaf holds NaN/Inf or overflows its format.
+        chunk_blocks: blocks per chunk (a power of two); bounds the extra memory.
+
+    Returns:
+        The quantized pytree, or ``(qparams, report)`` when ``report=True``.
+
+    Raises:
+        QuantError: a rule pattern that is not a valid regex.
+        UnknownFormatError: an unknown format name (with the rule it came from).
+        NonFiniteError, ScaleOverflowError: bad values (``check=True``), naming the path.
+        ShapeError: a sharded leaf whose shards would split a 32-value block.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jquant
+        >>> params = {"dense": {"kernel": jnp.ones((64, 128)), "bias": jnp.zeros(128)},
+        ...           "embed": jnp.ones((100, 64)), "step": jnp.array(3)}
+        >>> qp, rep = jquant.quantize_model(params, {"embed": "q8_0", ".*": "q4_0"}, report=True)
+        >>> qp["dense"]["kernel"].qtype.name, qp["embed"].qtype.name, type(qp["dense"]["bias"]).__name__
+        ('Q4_0', 'Q8_0', 'ArrayImpl')
+        >>> [r.reason for r in rep.rows if r.format is None]
+        ['1-D (bias/norm/scale) kept by keep_1d=True', 'int32 is not a floating-point dtype']
+        >>> rep.bytes_after < rep.bytes_before / 4
+        True
+        >>> jquant.dequantize_model(qp)["dense"]["kernel"].shape
+        (64, 128)
+    """
+    rules = parse_rules(qtype_or_rules)
+    if chunk_blocks < _MIN_BUCKET or chunk_blocks & (chunk_blocks - 1):
+        raise QuantError(
+            f"chunk_blocks must be a power of two >= {_MIN_BUCKET}, got {chunk_blocks}"
+        )
+    paths, leaves, rebuild = _flatten(params)
+    decisions: list[Decision] = []
+    for path, leaf in zip(paths, leaves, strict=True):
+        if isinstance(leaf, QuantizedTensor):
+            decisions.append(Decision(None, f"already quantized ({leaf.qtype.name})"))
+        else:
+            decisions.append(decide(path, leaf, rules, keep_1d=keep_1d, min_size=min_size))
+
+    out: list[Any] = list(leaves)
+    stats: dict[int, tuple[float, float, float, float, int]] = {}
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+    if traced:
+        if report:
+            raise QuantError(
+                "quantize_model(..., report=True) needs concrete arrays; call it outside jax.jit"
+            )
+        for i, dec in enumerate(decisions):
+            if dec.qtype is not None:
+                out[i] = quantize_tensor(leaves[i], dec.qtype, check=False, name=paths[i])
+        return rebuild(out)
+
+    groups: dict[QuantType, list[_Job]] = {}
+    for i, dec in enumerate(decisions):
+        if dec.qtype is None:
+            continue
+        x = leaves[i]
+        if _is_multi_device(x):
+            out[i], st = _quantize_sharded(x, dec.qtype, paths[i], check=check, stats=report)
+            if st is not None:
+                stats[i] = st
+        else:
+            groups.setdefault(dec.qtype, []).append(_Job(i, paths[i], x, dec.qtype))
+    for qtype, jobs in groups.items():
+        _run_group(jobs, qtype, chunk_blocks, check=check, stats=report)
+        for job in jobs:
+            out[job.index] = job.result
+            if report:
+                stats[job.index] = job.sums_tuple()
+    qparams = rebuild(out)
+    if not report:
+        return qparams
+    return qparams, _make_report(paths, leaves, out, decisions, rules, stats)
+
+
+def dequantize_model(qparams: Any, dtype: Any = None) -> Any:
+    """Turn every :class:`QuantizedTensor` of a pytree back into an array.
+
+    Structure, shapes and dtypes are restored (a leaf sharded over several devices gets
+    back the sharding of the tensor it was quantized from); other leaves pass through.
+    Jittable: ``jax.jit(lambda qp, x: model.apply(jquant.dequantize_model(qp), x))``
+    keeps only the packed weights resident and dequantizes inside the program.
+
+    Args:
+        qparams: a pytree from :func:`quantize_model` (or any pytree holding
+          ``QuantizedTensor`` leaves).
+        dtype: cast dequantized tensors and the unquantized floating-point leaves to
+          this dtype (e.g. ``jnp.bfloat16`` for inference); ``None`` restores each
+          tensor's original dtype.
+
+    Example:
+        >>> import jax.numpy as jnp, jquant
+        >>> qp = jquant.quantize_model({"w": jnp.ones((32, 64)), "b": jnp.ones(64)}, "q8_0")
+        >>> p = jquant.dequantize_model(qp, dtype=jnp.bfloat16)
+        >>> p["w"].shape, p["w"].dtype, p["b"].dtype
+        ((32, 64), dtype(bfloat16), dtype(bfloat16))
+    """
+    paths, leaves, rebuild = _flatten(qparams)
+    del paths
+    out_dtype = None if dtype is None else np.dtype(dtype)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, QuantizedTensor):
+            out.append(_dequantize_leaf(leaf, out_dtype))
+        elif (
+            out_dtype is not None
+            and hasattr(leaf, "dtype")
+            and hasattr(leaf, "astype")
+            and np.issubdtype(np.dtype(leaf.dtype), np.floating)
+        ):
+            out.append(leaf.astype(out_dtype))
+        else:
+            out.append(leaf)
+    return rebuild(out)
+
+
+# -- pytree plumbing -------------------------------------------------------------------
+
+
+def _is_named_pairs(params: Any) -> bool:
+    return (
+        isinstance(params, (list, tuple))
+        and len(params) > 0
+        and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) for p in params
+        )
+    )
+
+
+def _flatten(params: Any):
+    """(paths, leaves, rebuild) with QuantizedTensor kept whole as a leaf."""
+    if _is_named_pairs(params):
+        names = [p[0] for p in params]
+        kind = type(params)
+        return (
+            names,
+            [p[1] for p in params],
+            lambda vals: kind([(n, v) for n, v in zip(names, vals, strict=True)]),
+        )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, QuantizedTensor)
+    )
+    paths = [path_to_str(p) for p, _ in flat]
+    return paths, [v for _, v in flat], lambda vals: jax.tree_util.tree_unflatten(treedef, vals)
+
+
+def _is_multi_device(x: Any) -> bool:
+    return (
+        isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and len(x.sharding.device_set) > 1
+    )
+
+
+# -- the chunked engine ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """One leaf on its way through the chunk stream."""
+
+    index: int
+    path: str
+    x: Any
+    qtype: QuantType
+    result: Any = None
+    _units: np.ndarray | None = None
+    out: dict[str, np.ndarray] | None = None
+    filled: int = 0  # units copied into chunks so far
+    stored: int = 0  # units of packed output received so far
+    sums: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(4))
+    max_err: float = 0.0
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.x.shape)
+        # as quantize_tensor records it: float64 is float32 unless jax_enable_x64 is on
+        self.dtype = np.dtype(jax.dtypes.canonicalize_dtype(self.x.dtype))
+        self.size = math.prod(self.shape)
+        self.row = self.shape[-1] if self.shape else 1
+        self.rows = math.prod(self.shape[:-1]) if self.shape else 1
+        if self.qtype.is_block_quantized:
+            self.nb = num_blocks_for(self.row, self.qtype)
+            self.n_units = self.rows * self.nb
+        else:
+            self.n_units = -(-self.size // BLOCK) if self.size else 0
+
+    def units(self) -> np.ndarray:
+        """This leaf as ``[n_units, 32]`` (a view when no padding is needed)."""
+        if self._units is None:
+            a = np.asarray(self.x)
+            if self.qtype.is_block_quantized:
+                a = a.reshape(self.rows, self.row)
+                pad = self.nb * BLOCK - self.row
+                if pad and a.size:
+                    a = np.pad(a, [(0, 0), (0, pad)], mode="edge")
+                elif pad:
+                    a = np.zeros((self.rows, self.nb * BLOCK), np.float32)
+            else:
+                a = a.reshape(-1)
+                pad = self.n_units * BLOCK - self.size
+                if pad:
+                    a = np.concatenate([a.astype(np.float32), np.zeros(pad, np.float32)])
+            self._units = a.reshape(self.n_units, BLOCK)
+        return self._units
+
+    def valid(self, u0: int, u1: int) -> np.ndarray:
+        """Number of real (not padding) values in units ``[u0, u1)``."""
+        v = np.full(u1 - u0, BLOCK, np.int32)
+        if self.qtype.is_block_quantized:
+            tail = self.row - (self.nb - 1) * BLOCK if self.nb else BLOCK
+            if tail != BLOCK:
+                u = np.arange(u0, u1)
+                v[u % self.nb == self.nb - 1] = tail
+        elif self.size % BLOCK and u1 == self.n_units:
+            v[-1] = self.size % BLOCK
+        return v
+
+    def store(self, host: dict[str, np.ndarray], u0: int, u1: int, src: slice) -> None:
+        """Copy units ``[u0, u1)`` of the packed result from a chunk's output."""
+        if self.out is None:
+            # aligned, so that device_put hands the memory to XLA without a copy
+            self.out = {
+                k: _aligned((self.n_units, *f.shape[1:]), f.dtype)
+                for k, f in _fields(self.qtype).items()
+            }
+        for k, v in host.items():
+            self.out[k][u0:u1] = v[src]
+
+    def finish(self) -> None:
+        self._units = None
+        if self.out is None:  # no units: an empty tensor
+            self.store({}, 0, 0, slice(0, 0))
+        out, self.out = self.out, None
+        if self.qtype.is_block_quantized:
+            lead = self.shape[:-1] if self.shape else ()
+            leaves = {k: v.reshape(*lead, self.nb, *v.shape[1:]) for k, v in out.items()}
+        else:
+            qs = out["qs"].reshape(-1)[: self.size]
+            leaves = {"qs": qs.reshape(self.shape or (1,))}
+        # back on the leaf's device; device_put (not jnp.asarray, which compiles a program
+        # per shape) aliases the aligned host arrays on CPU
+        device = next(iter(self.x.devices())) if isinstance(self.x, jax.Array) else None
+        leaves = {k: jax.device_put(v, device, may_alias=True) for k, v in leaves.items()}
+        self.result = QuantizedTensor(
+            **leaves, shape=self.shape, dtype=self.dtype, qtype=self.qtype
+        )
+
+    def sums_tuple(self):
+        sq, ab, sig, count = self.sums
+        return float(sq), float(self.max_err), float(ab), float(sig), int(count)
+
+
+@functools.cache
+def _fields(qt: QuantType) -> dict[str, jax.ShapeDtypeStruct]:
+    """The packed leaves of one block of ``qt`` (traced abstractly: nothing compiles)."""
+    return jax.eval_shape(
+        functools.partial(quantize_blocks, qtype=qt), jax.ShapeDtypeStruct((1, BLOCK), jnp.float32)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "stats"))
+def _quantize_chunk(blocks, valid, *, qtype: QuantType, stats: bool):
+    leaves = quantize_blocks(blocks, qtype)
+    bad = _bad_blocks(blocks, leaves, qtype)
+    first = jnp.argmax(bad).astype(jnp.int32)
+    problem = (bad[first], first)
+    sums = None
+    if stats:
+        y = dequantize_blocks(leaves, qtype)
+        mask = jnp.arange(BLOCK, dtype=jnp.int32)[None, :] < valid[:, None]
+        err = jnp.where(mask, blocks - y, jnp.float32(0))
+        sig = jnp.where(mask, blocks * blocks, jnp.float32(0))
+        sums = (
+            jnp.sum(err * err, axis=-1),
+            jnp.sum(jnp.abs(err), axis=-1),
+            jnp.max(jnp.abs(err), axis=-1),
+            jnp.sum(sig, axis=-1),
+        )
+    return leaves, problem, sums
+
+
+def _bad_blocks(blocks, leaves, qtype: QuantType):
+    """Per block (unit): True where the input is non-finite or the format overflows."""
+    if qtype.is_block_quantized:
+        bad = ~jnp.isfinite(blocks).all(axis=-1) | ~jnp.isfinite(leaves["d"])
+        if "m" in leaves:
+            bad |= ~jnp.isfinite(leaves["m"])
+        return bad
+    # F16/BF16/F32 store NaN/Inf faithfully; only finite values that overflow matter.
+    stored = leaves["qs"].astype(jnp.float32)
+    return (~jnp.isfinite(stored) & jnp.isfinite(blocks)).any(axis=-1)
+
+
+def _bucket(n: int, chunk: int) -> int:
+    return min(chunk, max(_MIN_BUCKET, 1 << max(0, (n - 1).bit_length())))
+
+
+def _schedule(jobs: list[_Job], chunk: int):
+    """Yield ``(size, [(job, u0, u1, dst), ...])`` chunks covering every job's units.
+
+    A leaf of at least ``chunk`` blocks gets whole chunks of its own, starting at its
+    first block (so they can be read in place); its remainder and the small leaves are
+    packed together, in model order, into shared chunks.
+    """
+    shared: list[tuple[_Job, int, int]] = []
+    for job in jobs:
+        own = job.n_units - job.n_units % chunk
+        for u in range(0, own, chunk):
+            yield chunk, [(job, u, u + chunk, 0)]
+        if job.n_units > own or job.n_units == 0:
+            shared.append((job, own, job.n_units))
+    total = sum(u1 - u0 for _, u0, u1 in shared)
+    # A model with a full chunk already uses the chunk-sized program: padding its last
+    # chunk with zero blocks costs less than compiling a second, smaller program.
+    big = sum(j.n_units for j in jobs) >= chunk
+    done, it = 0, iter(shared)
+    seg = next(it, None)
+    while seg is not None:
+        size = 0 if total == done else (chunk if big else _bucket(total - done, chunk))
+        parts, dst = [], 0
+        while seg is not None and (dst < size or seg[1] == seg[2]):
+            job, u0, u1 = seg
+            take = min(u1 - u0, size - dst)
+            parts.append((job, u0, u0 + take, dst))
+            dst += take
+            seg = (job, u0 + take, u1) if u0 + take < u1 else next(it, None)
+        done += dst
+        yield size, parts
+
+
+def _aligned(shape: tuple[int, ...], dtype=np.float32, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data is ``align``-byte aligned.
+
+    XLA's CPU client aliases (doesn't copy) such host arrays in ``jax.device_put``.
+    """
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(n + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off : off + n].view(dtype).reshape(shape)
+
+
+def _direct(parts, size: int) -> np.ndarray | None:
+    """A leaf's own memory when it fills the whole chunk as aligned float32 (no copy)."""
+    if len(parts) != 1:
+        return None
+    job, u0, u1, _ = parts[0]
+    if u1 - u0 != size:
+        return None
+    units = job.units()
+    if units.dtype != np.float32 or not units.flags.c_contiguous:
+        return None
+    view = units[u0:u1]
+    return view if view.ctypes.data % 64 == 0 else None
+
+
+_DEPTH = 2  # chunks in flight: filling the next overlaps quantizing the previous
+
+
+def _run_group(jobs: list[_Job], qtype: QuantType, chunk: int, *, check: bool, stats: bool):
+    free: list[np.ndarray] = []  # host buffers of collected chunks, for reuse
+    pending: collections.deque = collections.deque()
+    for size, parts in _schedule(jobs, chunk):
+        launched, buf = None, None
+        if size:
+            src = _direct(parts, size)
+            if src is None:
+                buf = free.pop() if free else _aligned((chunk, BLOCK))
+                src = buf[:size]
+                end = 0
+                for job, u0, u1, dst in parts:
+                    src[dst : dst + u1 - u0] = job.units()[u0:u1]
+                    end = dst + u1 - u0
+                src[end:] = 0
+            valid = np.zeros(size, np.int32)
+            if stats:
+                for job, u0, u1, dst in parts:
+                    valid[dst : dst + u1 - u0] = job.valid(u0, u1)
+            for job, u0, u1, _ in parts:
+                job.filled += u1 - u0
+                if job.filled == job.n_units:
+                    job._units = None  # drop a padded copy as soon as it's been used
+            launched = _quantize_chunk(
+                jax.device_put(src, may_alias=True), valid, qtype=qtype, stats=stats
+            )
+        pending.append((parts, launched, buf))
+        if len(pending) > _DEPTH:
+            _collect(*pending.popleft(), free, check=check, stats=stats)
+    while pending:
+        _collect(*pending.popleft(), free, check=check, stats=stats)
+
+
+def _collect(parts, launched, buf, free, *, check: bool, stats: bool):
+    if launched is not None:
+        leaves, (bad, first), sums = launched
+        if check and bool(bad):
+            first = int(first)
+            for job, u0, u1, dst in parts:
+                if dst <= first < dst + u1 - u0:
+                    _raise_for(job)
+        host = {k: np.asarray(v) for k, v in leaves.items()}
+        host_sums = [np.asarray(s) for s in sums] if stats else None
+    if buf is not None:
+        free.append(buf)  # the chunk's computation is done with it
+    for job, u0, u1, dst in parts:
+        if u1 > u0:
+            sl = slice(dst, dst + u1 - u0)
+            job.store(host, u0, u1, sl)
+            if stats:
+                sq, ab, mx, sig = (s[sl] for s in host_sums)
+                count = job.valid(u0, u1).sum()
+                job.sums += np.array(
+                    [
+                        sq.sum(dtype=np.float64),
+                        ab.sum(dtype=np.float64),
+                        sig.sum(dtype=np.float64),
+                        count,
+                    ]
+                )
+                job.max_err = max(job.max_err, float(mx.max()))
+        job.stored += u1 - u0
+        if job.stored == job.n_units:
+            job.finish()
+
+
+def _raise_for(job: _Job):
+    """Re-run the one bad leaf through quantize_tensor for its exact message, then raise."""
+    quantize_tensor(job.x, job.qtype, check=True, name=job.path)
+    raise NonFiniteError(  # not reached unless the two checks disagree
+        f"tensor {job.path!r} holds a non-finite value or overflows {job.qtype.name}; keep it in "
+        f"F32 or clean it (jnp.nan_to_num)"
+    )
+
+
+# -- sharded leaves --------------------------------------------------------------------
+
+
+def _axis_ways(mesh, entry) -> int:
+    if entry is None:
+        return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _sharded_out(x: jax.Array, qtype: QuantType, path: str):
+    """Output shardings for the packed leaves of a sharded ``x`` (None: let XLA choose)."""
+    s = x.sharding
+    if not isinstance(s, NamedSharding) or x.ndim == 0:
+        return None
+    spec = tuple(s.spec) + (None,) * (x.ndim - len(s.spec))
+    ways = _axis_ways(s.mesh, spec[-1])
+    if qtype.is_block_quantized and ways > 1 and x.shape[-1] % (BLOCK * ways):
+        per = x.shape[-1] / ways
+        alt = (spec[-1], *spec[:-1]) if x.ndim > 1 and spec[0] is None else None
+        instead = f" (e.g. PartitionSpec{alt})" if alt else ""
+        raise ShapeError(
+            f"tensor {path!r} of shape {tuple(x.shape)} is split {ways} ways along its last "
+            f"axis (PartitionSpec{spec}), {per:g} values per shard, so a {BLOCK}-value "
+            f"{qtype.name} block would straddle two devices. Shard the last axis so each "
+            f"shard holds a multiple of {BLOCK} values (last axis a multiple of "
+            f"{BLOCK * ways}), shard another axis instead{instead}, "
+            f"or keep this leaf unquantized with a rule ({path!r}: None)."
+        )
+    mesh = s.mesh
+    if not qtype.is_block_quantized:
+        return {"qs": NamedSharding(mesh, PartitionSpec(*spec))}
+    lead, last = spec[:-1], spec[-1]
+    out = {"qs": NamedSharding(mesh, PartitionSpec(*lead, last, None))}
+    for k in ("d", "m", "qh"):
+        if k in _fields(qtype):
+            out[k] = NamedSharding(mesh, PartitionSpec(*lead, last))
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _sharded_fn(qtype: QuantType, shardings, stats: bool):
+    def f(x):
+        blocks = _to_blocks(x, qtype)
+        leaves = quantize_blocks(blocks, qtype)
+        if qtype.is_block_quantized:
+            bad = ~jnp.isfinite(blocks).all() | ~jnp.isfinite(leaves["d"]).all()
+            if "m" in leaves:
+                bad |= ~jnp.isfinite(leaves["m"]).all()
+        else:
+            stored = leaves["qs"].astype(jnp.float32)
+            bad = (~jnp.isfinite(stored) & jnp.isfinite(blocks)).any()
+        sums = None
+        if stats:
+            y = dequantize_blocks(leaves, qtype)
+            if qtype.is_block_quantized:
+                n = x.shape[-1] if x.ndim else 1
+                col = jax.lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim - 2) * BLOCK
+                col = col + jax.lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim - 1)
+                mask = col < n
+            else:
+                mask = jnp.ones(blocks.shape, bool)
+            err = jnp.where(mask, blocks - y, jnp.float32(0))
+            sums = (
+                jnp.sum(err * err),
+                jnp.max(jnp.abs(err), initial=0.0),
+                jnp.sum(jnp.abs(err)),
+                jnp.sum(jnp.where(mask, blocks * blocks, jnp.float32(0))),
+            )
+        return leaves, bad, sums
+
+    if shardings is None:
+        return jax.jit(f)
+    leaf_sh = dict(shardings)
+    return jax.jit(f, out_shardings=(leaf_sh, None, None))
+
+
+@functools.lru_cache(maxsize=64)
+def _auto_mesh(mesh: Mesh) -> Mesh:
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def _to_auto(x: jax.Array) -> jax.Array:
+    """``x`` on the same devices and layout, its mesh axes ``Auto`` (not ``Explicit``).
+
+    The kernels index and pad along sharded axes, which explicit-sharding type rules
+    reject; XLA's propagation handles them, and the output shardings are given anyway.
+    """
+    s = x.sharding
+    if not isinstance(s, NamedSharding) or all(t == AxisType.Auto for t in s.mesh.axis_types):
+        return x
+    return jax.device_put(x, NamedSharding(_auto_mesh(s.mesh), s.spec))
+
+
+def _to_mesh(x: jax.Array, mesh) -> jax.Array:
+    if isinstance(x.sharding, NamedSharding) and x.sharding.mesh != mesh:
+        return jax.device_put(x, NamedSharding(mesh, x.sharding.spec))
+    return x
+
+
+def _quantize_sharded(x: jax.Array, qtype: QuantType, path: str, *, check: bool, stats: bool):
+    from ._quantize import check_dtype
+
+    check_dtype(x, path)
+    xa = _to_auto(x)
+    shardings = _sharded_out(xa, qtype, path)
+    key = tuple(sorted(shardings.items())) if shardings is not None else None
+    leaves, bad, sums = _sharded_fn(qtype, key, stats)(xa)
+    if isinstance(x.sharding, NamedSharding):
+        leaves = {k: _to_mesh(v, x.sharding.mesh) for k, v in leaves.items()}
+    if check and bool(bad):
+        # the error path only: gather it for quantize_tensor's exact message
+        quantize_tensor(np.asarray(x), qtype, check=True, name=path)
+        raise NonFiniteError(f"tensor {path!r} holds a non-finite value or overflows {qtype.name}")
+    q = QuantizedTensor(**leaves, shape=tuple(x.shape), dtype=np.dtype(x.dtype), qtype=qtype)
+    st = None
+    if stats:
+        sq, mx, ab, sig = (float(v) for v in sums)
+        st = (sq, mx, ab, sig, math.prod(x.shape))
+    return q, st
+
+
+# -- dequantize ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _dequantize_sharded_fn(qtype: QuantType, shape, dtype, sharding):
+    def f(leaves):
+        vals = dequantize_blocks(leaves, qtype)
+        n = shape[-1] if shape else 1
+        if qtype.is_block_quantized:
+            vals = vals.reshape(*vals.shape[:-2], -1)[..., :n]
+        return vals.reshape(shape).astype(dtype)
+
+    return jax.jit(f, out_shardings=sharding)
+
+
+def _dequantize_leaf(q: QuantizedTensor, dtype):
+    qs = q.qs
+    if _is_multi_device(qs) and isinstance(qs.sharding, NamedSharding) and q.shape:
+        spec = tuple(qs.sharding.spec) + (None,) * (qs.ndim - len(qs.sharding.spec))
+        if q.qtype.is_block_quantized:
+            spec = spec[:-1]  # (*lead, nb, w) -> (*lead, n)
+        mesh = qs.sharding.mesh
+        sharding = NamedSharding(_auto_mesh(mesh), PartitionSpec(*spec))
+        out_dtype = np.dtype(dtype) if dtype is not None else q.dtype
+        leaves = {k: _to_auto(v) for k, v in q.leaves().items()}
+        out = _dequantize_sharded_fn(q.qtype, q.shape, out_dtype, sharding)(leaves)
+        return _to_mesh(out, mesh)
+    return dequantize_tensor(q, dtype)
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def _make_report(paths, leaves, out, decisions, rules, stats) -> ModelReport:
+    rows = []
+    used = set()
+    for i, (path, leaf, res, dec) in enumerate(zip(paths, leaves, out, decisions, strict=True)):
+        if dec.rule is not None:
+            used.add(dec.rule)
+        rule = rules[dec.rule].pattern if dec.rule is not None else None
+        if isinstance(leaf, QuantizedTensor):
+            shape, dtype = leaf.shape, leaf.dtype.name
+            before = after = leaf.nbytes
+        elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            shape, dtype = tuple(int(s) for s in leaf.shape), np.dtype(leaf.dtype).name
+            before = math.prod(shape) * np.dtype(leaf.dtype).itemsize
+            after = res.nbytes if isinstance(res, QuantizedTensor) else before
+        else:
+            shape, dtype, before, after = (), type(leaf).__name__, 0, 0
+        size = math.prod(shape) if shape is not None else 0
+        rmse = max_error = mean_error = sqnr = None
+        if i in stats:
+            sq, mx, ab, sig, count = stats[i]
+            if count:
+                rmse = math.sqrt(sq / count)
+                mean_error = ab / count
+                max_error = mx
+                sqnr = (
+                    math.inf if sq == 0 else (10 * math.log10(sig / sq) if sig > 0 else -math.inf)
+                )
+            else:
+                rmse = max_error = mean_error = 0.0
+                sqnr = math.inf
+        bpw = 8 * after / size if size and after else 0.0
+        rows.append(
+            LeafReport(
+                path=path,
+                shape=tuple(shape),
+                dtype=dtype,
+                format=res.qtype.name if isinstance(res, QuantizedTensor) and dec.qtype else None,
+                bytes_before=before,
+                bytes_after=after,
+                bits_per_weight=bpw,
+                rmse=rmse,
+                max_error=max_error,
+                mean_error=mean_error,
+                sqnr_db=sqnr,
+                reason=dec.reason,
+                rule=rule,
+            )
+        )
+    unmatched = tuple(r.pattern for j, r in enumerate(rules) if j not in used)
+    return ModelReport(rows=tuple(rows), unmatched_rules=unmatched)
