@@ -83,22 +83,41 @@ def _first_sign_key(blocks: jax.Array, hit: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, key, 2 * BLOCK), axis=-1)
 
 
-def _first_absmax(blocks: jax.Array) -> jax.Array:
-    """The signed value of the first element with the largest magnitude (gguf's ``max``)."""
+def _first_absmax_exact(blocks: jax.Array) -> jax.Array:
     amax = jnp.max(jnp.abs(blocks), axis=-1)
     key = _first_sign_key(blocks, jnp.abs(blocks) == amax[..., None])
     return jnp.where((key & 1) == 1, -amax, amax)
+
+
+def _first_absmax(blocks: jax.Array) -> jax.Array:
+    """The signed value of the first element with the largest magnitude (gguf's ``max``).
+
+    Fast path from max and min alone: the answer is whichever has the larger magnitude,
+    and ``blocks[..., 0]`` for an all-zero block (it keeps that element's sign, as gguf
+    does). Only ``max == -min != 0`` needs positions; when any block in the batch has such
+    a tie the whole batch takes the exact (several times slower) path.
+    """
+    mx = jnp.max(blocks, axis=-1)
+    mn = jnp.min(blocks, axis=-1)
+    zero = (mx == 0) & (mn == 0)
+    fast = jnp.where(zero, blocks[..., 0], jnp.where(mx > -mn, mx, mn))
+    tie = (mx == -mn) & ~zero
+    return lax.cond(jnp.any(tie), _first_absmax_exact, lambda _: fast, blocks)
 
 
 def _first_extreme(blocks: jax.Array, value: jax.Array) -> jax.Array:
     """``value`` (a min or max of ``blocks``) with the sign of the first element equal to it.
 
     Only a zero can differ: ggml's loop keeps the first zero it meets, XLA's min returns
-    -0 whenever one is present.
+    -0 whenever one is present. Batches without a zero extreme skip the position search.
     """
-    key = _first_sign_key(blocks, blocks == value[..., None])
-    signed_zero = jnp.where((key & 1) == 1, jnp.float32(-0.0), jnp.float32(0.0))
-    return jnp.where(value == 0, signed_zero, value)
+
+    def exact(blocks):
+        key = _first_sign_key(blocks, blocks == value[..., None])
+        signed_zero = jnp.where((key & 1) == 1, jnp.float32(-0.0), jnp.float32(0.0))
+        return jnp.where(value == 0, signed_zero, value)
+
+    return lax.cond(jnp.any(value == 0), exact, lambda _: value, blocks)
 
 
 def _pack_nibbles(q: jax.Array) -> jax.Array:
