@@ -36,9 +36,7 @@ def assemble() -> Path:
         "# Benchmark results\n\n"
         "Regenerate with `python benchmarks/run_all.py` (one script per section; "
         "`--assemble` rebuilds this file from `benchmarks/results/`). The machines are "
-        "shared and noisy: read medians and same-run ratios, not absolute times.\n\n"
-        + body
-        + "\n"
+        "shared and noisy: read medians and same-run ratios, not absolute times.\n\n" + body + "\n"
     )
     return out
 
