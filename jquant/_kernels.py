@@ -41,14 +41,19 @@ def _opaque(x: jax.Array, dep: jax.Array | None = None) -> jax.Array:
     passes for this (tests/test_exact.py's 1/3-scaled ties catch them).
     """
     dep = x if dep is None else dep
-    bits = lax.bitcast_convert_type(x, jnp.uint32)
-    bits = bits ^ (dep != dep).astype(jnp.uint32)
-    return lax.bitcast_convert_type(bits, jnp.float32)
+    uint = jnp.dtype(f"uint{8 * jnp.dtype(x.dtype).itemsize}")
+    bits = lax.bitcast_convert_type(x, uint)
+    bits = bits ^ (dep != dep).astype(uint)
+    return lax.bitcast_convert_type(bits, x.dtype)
 
 
-def _exact_div(a: jax.Array, b: float) -> jax.Array:
+def _exact_div(a: jax.Array, b: float | jax.Array) -> jax.Array:
     """``a / b`` computed as an IEEE division, never as a multiply by ``1/b``."""
-    return a / _opaque(jnp.full(a.shape, b, jnp.float32), dep=a)
+    a = jnp.asarray(a)
+    b = jnp.asarray(b, a.dtype)
+    shape = jnp.broadcast_shapes(a.shape, b.shape)
+    a = jnp.broadcast_to(a, shape)
+    return a / _opaque(jnp.broadcast_to(b, shape), dep=a)
 
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)  # 2**-126, the smallest normal float32

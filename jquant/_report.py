@@ -26,6 +26,13 @@ class LeafReport:
           original (float32), ``None`` for leaves left as they were.
         reason: why the leaf was left unquantized (``None`` when it was quantized).
         rule: the rule pattern that decided its format, if one did.
+
+    Example:
+        >>> import jax.numpy as jnp, jquant
+        >>> params = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
+        >>> _, report = jquant.quantize_model(params, "q8_0", report=True)
+        >>> [(r.path, r.format, r.bytes_after, r.reason is None) for r in report.rows]
+        [('b', None, 256, False), ('w', 'Q8_0', 4352, True)]
     """
 
     path: str
