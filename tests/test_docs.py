@@ -26,7 +26,11 @@ def test_public_name_has_a_docstring(name):
 
 @pytest.mark.parametrize(
     "name",
-    [n for n in PUBLIC if not (inspect.isclass(getattr(jquant, n)) and issubclass(getattr(jquant, n), Exception))],
+    [
+        n
+        for n in PUBLIC
+        if not (inspect.isclass(getattr(jquant, n)) and issubclass(getattr(jquant, n), Exception))
+    ],
 )
 def test_public_name_has_a_runnable_example(name):
     obj = getattr(jquant, name)
