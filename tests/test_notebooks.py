@@ -47,3 +47,11 @@ def test_notebook_executes(path, tmp_path):
         if o.get("output_type") == "error"
     ]
     assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_stored_without_outputs_and_installs_on_colab(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    assert '"google.colab" in sys.modules' in code[0].source and "%pip install" in code[0].source
