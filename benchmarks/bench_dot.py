@@ -14,34 +14,18 @@ Writes only ``benchmarks/results/dot.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax.numpy as jnp
+from _common import machine, write_result  # noqa: E402
 
 import jquant
-
-RESULTS = Path(__file__).resolve().parent / "results" / "dot.md"
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), "
-        f"python {platform.python_version()}, {datetime.date.today().isoformat()}"
-    )
 
 
 def _mib(n: float) -> str:
@@ -126,8 +110,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    write_result("dot_quick" if args.quick else "dot", text)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ._report import _num
+from ._tensor import human_bytes
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NO_INPUT, EXIT_BAD_INPUT = 0, 1, 2, 3, 4
@@ -43,18 +46,6 @@ exit codes:
   5 quantization problem (NaN/Inf, scale overflow, unknown format, bad rule),
   6 output can't be written (disk full, permissions), 130 interrupted
 """
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def _num(v: float | None, fmt: str = ".3g") -> str:
-    return "" if v is None else format(v, fmt)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,7 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     t = Table(
-        title=f"jquant: built-in example model ({n:,} float32 values, {_human(before)}), "
+        title=f"jquant: built-in example model ({n:,} float32 values, {human_bytes(before)}), "
         f"every format",
         caption="time: median of 3 runs after a first call that includes XLA compilation "
         "(shown as 'first call')",
@@ -234,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         t.add_row(
             r["format"],
             f"{r['bits_per_weight']:.2f}",
-            _human(r["size_bytes"]),
+            human_bytes(r["size_bytes"]),
             f"{r['compression_ratio']:.2f}x",
             f"{r['rmse']:.3g}",
             f"{r['max_error']:.3g}",
@@ -350,7 +341,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if unmatched:
             console.print(f"[yellow]note:[/] rules that matched no tensor: {', '.join(unmatched)}")
         console.print(
-            f"wrote {args.output}: {_human(file_size)} ({report.bits_per_weight:.2f} bits/weight, "
+            f"wrote {args.output}: {human_bytes(file_size)} ({report.bits_per_weight:.2f} bits/weight, "
             f"{report.compression_ratio:.2f}x smaller than the input tensors) in {elapsed:.1f} s"
         )
     return EXIT_OK
@@ -367,8 +358,8 @@ def _quantize_table(report, title: str):
             r.path,
             "x".join(map(str, r.shape)) or "()",
             r.format or f"({r.dtype})",
-            _human(r.bytes_before),
-            _human(r.bytes_after),
+            human_bytes(r.bytes_before),
+            human_bytes(r.bytes_after),
             f"{r.bits_per_weight:.2f}",
             r.reason or "",
         )
@@ -377,8 +368,8 @@ def _quantize_table(report, title: str):
         f"total: {len(report.rows)} tensors, {report.num_quantized} quantized",
         "",
         "",
-        _human(report.bytes_before),
-        _human(report.bytes_after),
+        human_bytes(report.bytes_before),
+        human_bytes(report.bytes_after),
         f"{report.bits_per_weight:.2f}",
         f"{report.compression_ratio:.2f}x smaller",
     )
@@ -484,7 +475,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"[bold]{path}[/]: {summary['kind']}"
         + (f" v{summary['gguf_version']}" if "gguf_version" in summary else "")
         + (", written by jquant" if summary.get("written_by_jquant") else "")
-        + f", {_human(summary['file_size'])}, {len(tensors)} tensors, "
+        + f", {human_bytes(summary['file_size'])}, {len(tensors)} tensors, "
         f"{summary['values']:,} values, {total_bits:.2f} bits/weight"
     )
     if meta:
@@ -505,7 +496,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             t["format"]
             + (f" ({t['dtype']})" if t.get("dtype") and t["dtype"] != t["format"] else ""),
             "x".join(map(str, t["shape"])) or "()",
-            _human(t["bytes"]),
+            human_bytes(t["bytes"]),
             f"{t['bits_per_weight']:.2f}",
         )
     console.print(tt)

@@ -7,6 +7,8 @@ import io
 import math
 from typing import Any
 
+from ._tensor import human_bytes
+
 __all__ = ["LeafReport", "ModelReport"]
 
 
@@ -166,8 +168,8 @@ class ModelReport:
                 r.path,
                 "x".join(map(str, r.shape)) or "()",
                 r.format or f"({r.dtype})",
-                _human(r.bytes_before),
-                _human(r.bytes_after),
+                human_bytes(r.bytes_before),
+                human_bytes(r.bytes_after),
                 f"{r.bits_per_weight:.2f}" if r.bytes_after else "",
                 _num(r.rmse),
                 _num(r.max_error),
@@ -179,8 +181,8 @@ class ModelReport:
             f"total ({len(self.rows)} leaves, {self.num_quantized} quantized)",
             f"{self.num_params:,}",
             "",
-            _human(self.bytes_before),
-            _human(self.bytes_after),
+            human_bytes(self.bytes_before),
+            human_bytes(self.bytes_after),
             f"{self.bits_per_weight:.2f}",
             "",
             "",
@@ -207,7 +209,7 @@ class ModelReport:
     def __repr__(self) -> str:
         return (
             f"ModelReport({len(self.rows)} leaves, {self.num_quantized} quantized, "
-            f"{_human(self.bytes_before)} -> {_human(self.bytes_after)}, "
+            f"{human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)}, "
             f"{self.compression_ratio:.2f}x)"
         )
 
@@ -216,11 +218,3 @@ def _num(v: float | None, fmt: str = ".3g") -> str:
     if v is None:
         return ""
     return format(v, fmt)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"

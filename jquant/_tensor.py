@@ -9,10 +9,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._errors import FileFormatError, ShapeError
+from ._errors import FileFormatError
 from ._types import QuantType, QuantTypeLike
 
-__all__ = ["QuantizedTensor", "num_blocks_for"]
+__all__ = ["QuantizedTensor", "human_bytes", "num_blocks_for"]
 
 
 def num_blocks_for(n: int, qtype: QuantType) -> int:
@@ -118,7 +118,7 @@ class QuantizedTensor:
         shape = "x".join(map(str, self.shape)) or "scalar"
         return (
             f"QuantizedTensor({self.qtype.name}, shape={self.shape}, dtype={self.dtype.name}, "
-            f"{_human(self.nbytes)} packed [{shape}: {self.bits_per_weight:.2f} bits/weight, "
+            f"{human_bytes(self.nbytes)} packed [{shape}: {self.bits_per_weight:.2f} bits/weight, "
             f"{self.compression_ratio():.2f}x smaller than {self.dtype.name}])"
         )
 
@@ -244,14 +244,10 @@ def _as_bytes(a: Any, dt: np.dtype | type) -> np.ndarray:
     return arr.view(np.uint8).reshape(*arr.shape, arr.dtype.itemsize)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``: the sizes jquant prints."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def check_shape(shape: tuple[int, ...]) -> None:
-    if any(s < 0 for s in shape):
-        raise ShapeError(f"negative dimension in shape {shape}")
+    return f"{n:.1f} TiB"  # pragma: no cover
