@@ -91,21 +91,25 @@ def _first_sign_key(blocks: jax.Array, hit: jax.Array) -> jax.Array:
 def _first_absmax_exact(blocks: jax.Array) -> jax.Array:
     amax = jnp.max(jnp.abs(blocks), axis=-1)
     key = _first_sign_key(blocks, jnp.abs(blocks) == amax[..., None])
-    return jnp.where((key & 1) == 1, -amax, amax)
+    return jnp.where(((key & 1) == 1) & (amax > 0), -amax, amax)
 
 
 def _first_absmax(blocks: jax.Array) -> jax.Array:
-    """The signed value of the first element with the largest magnitude (gguf's ``max``).
+    """ggml's ``max``: the signed value of the first element with the largest magnitude.
 
-    Fast path from max and min alone: the answer is whichever has the larger magnitude,
-    and ``blocks[..., 0]`` for an all-zero block (it keeps that element's sign, as gguf
-    does). Only ``max == -min != 0`` needs positions; when any block in the batch has such
-    a tie the whole batch takes the exact (several times slower) path.
+    An all-zero block gives +0, whatever the signs of its zeros: ggml's loop starts from
+    ``max = 0.0f`` and only replaces it on a strictly larger magnitude. (gguf's numpy takes
+    the first element instead, so for a block of zeros starting with -0 it writes a +0
+    scale where ggml writes -0; jquant follows ggml.)
+
+    Fast path from max and min alone: the answer is whichever has the larger magnitude.
+    Only ``max == -min != 0`` needs positions; when any block in the batch has such a tie
+    the whole batch takes the exact (several times slower) path.
     """
     mx = jnp.max(blocks, axis=-1)
     mn = jnp.min(blocks, axis=-1)
     zero = (mx == 0) & (mn == 0)
-    fast = jnp.where(zero, blocks[..., 0], jnp.where(mx > -mn, mx, mn))
+    fast = jnp.where(zero, jnp.float32(0.0), jnp.where(mx > -mn, mx, mn))
     tie = (mx == -mn) & ~zero
     return lax.cond(jnp.any(tie), _first_absmax_exact, lambda _: fast, blocks)
 
