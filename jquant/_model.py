@@ -28,13 +28,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ._errors import NonFiniteError, QuantError, ShapeError
+from ._errors import NonFiniteError, QuantError
 from ._kernels import BLOCK, dequantize_blocks, quantize_blocks
-from ._quantize import _to_blocks, dequantize_tensor, quantize_tensor
+from ._quantize import quantize_tensor
 from ._report import LeafReport, ModelReport
 from ._rules import DEFAULT_MIN_SIZE, Decision, decide, parse_rules, path_to_str
+from ._sharding import _dequantize_leaf, _is_multi_device, _quantize_sharded
 from ._tensor import QuantizedTensor, num_blocks_for
 from ._types import QuantType, QuantTypeLike
 
@@ -236,14 +236,6 @@ def _flatten(params: Any):
     )
     paths = [path_to_str(p) for p, _ in flat]
     return paths, [v for _, v in flat], lambda vals: jax.tree_util.tree_unflatten(treedef, vals)
-
-
-def _is_multi_device(x: Any) -> bool:
-    return (
-        isinstance(x, jax.Array)
-        and not isinstance(x, jax.core.Tracer)
-        and len(x.sharding.device_set) > 1
-    )
 
 
 # -- the chunked engine ----------------------------------------------------------------
@@ -523,158 +515,6 @@ def _raise_for(job: _Job):
         f"tensor {job.path!r} holds a non-finite value or overflows {job.qtype.name}; keep it in "
         f"F32 or clean it (jnp.nan_to_num)"
     )
-
-
-# -- sharded leaves --------------------------------------------------------------------
-
-
-def _axis_ways(mesh, entry) -> int:
-    if entry is None:
-        return 1
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return math.prod(mesh.shape[n] for n in names)
-
-
-def _sharded_out(x: jax.Array, qtype: QuantType, path: str):
-    """Output shardings for the packed leaves of a sharded ``x`` (None: let XLA choose)."""
-    s = x.sharding
-    if not isinstance(s, NamedSharding) or x.ndim == 0:
-        return None
-    spec = tuple(s.spec) + (None,) * (x.ndim - len(s.spec))
-    ways = _axis_ways(s.mesh, spec[-1])
-    if qtype.is_block_quantized and ways > 1 and x.shape[-1] % (BLOCK * ways):
-        per = x.shape[-1] / ways
-        alt = (spec[-1], *spec[:-1]) if x.ndim > 1 and spec[0] is None else None
-        instead = f" (e.g. PartitionSpec{alt})" if alt else ""
-        raise ShapeError(
-            f"tensor {path!r} of shape {tuple(x.shape)} is split {ways} ways along its last "
-            f"axis (PartitionSpec{spec}), {per:g} values per shard, so a {BLOCK}-value "
-            f"{qtype.name} block would straddle two devices. Shard the last axis so each "
-            f"shard holds a multiple of {BLOCK} values (last axis a multiple of "
-            f"{BLOCK * ways}), shard another axis instead{instead}, "
-            f"or keep this leaf unquantized with a rule ({path!r}: None)."
-        )
-    mesh = s.mesh
-    if not qtype.is_block_quantized:
-        return {"qs": NamedSharding(mesh, PartitionSpec(*spec))}
-    lead, last = spec[:-1], spec[-1]
-    out = {"qs": NamedSharding(mesh, PartitionSpec(*lead, last, None))}
-    for k in ("d", "m", "qh"):
-        if k in _fields(qtype):
-            out[k] = NamedSharding(mesh, PartitionSpec(*lead, last))
-    return out
-
-
-@functools.lru_cache(maxsize=256)
-def _sharded_fn(qtype: QuantType, shardings, stats: bool):
-    def f(x):
-        blocks = _to_blocks(x, qtype)
-        leaves = quantize_blocks(blocks, qtype)
-        if qtype.is_block_quantized:
-            bad = ~jnp.isfinite(blocks).all() | ~jnp.isfinite(leaves["d"]).all()
-            if "m" in leaves:
-                bad |= ~jnp.isfinite(leaves["m"]).all()
-        else:
-            stored = leaves["qs"].astype(jnp.float32)
-            bad = (~jnp.isfinite(stored) & jnp.isfinite(blocks)).any()
-        sums = None
-        if stats:
-            y = dequantize_blocks(leaves, qtype)
-            if qtype.is_block_quantized:
-                n = x.shape[-1] if x.ndim else 1
-                col = jax.lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim - 2) * BLOCK
-                col = col + jax.lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim - 1)
-                mask = col < n
-            else:
-                mask = jnp.ones(blocks.shape, bool)
-            err = jnp.where(mask, blocks - y, jnp.float32(0))
-            sums = (
-                jnp.sum(err * err),
-                jnp.max(jnp.abs(err), initial=0.0),
-                jnp.sum(jnp.abs(err)),
-                jnp.sum(jnp.where(mask, blocks * blocks, jnp.float32(0))),
-            )
-        return leaves, bad, sums
-
-    if shardings is None:
-        return jax.jit(f)
-    leaf_sh = dict(shardings)
-    return jax.jit(f, out_shardings=(leaf_sh, None, None))
-
-
-@functools.lru_cache(maxsize=64)
-def _auto_mesh(mesh: Mesh) -> Mesh:
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
-def _to_auto(x: jax.Array) -> jax.Array:
-    """``x`` on the same devices and layout, its mesh axes ``Auto`` (not ``Explicit``).
-
-    The kernels index and pad along sharded axes, which explicit-sharding type rules
-    reject; XLA's propagation handles them, and the output shardings are given anyway.
-    """
-    s = x.sharding
-    if not isinstance(s, NamedSharding) or all(t == AxisType.Auto for t in s.mesh.axis_types):
-        return x
-    return jax.device_put(x, NamedSharding(_auto_mesh(s.mesh), s.spec))
-
-
-def _to_mesh(x: jax.Array, mesh) -> jax.Array:
-    if isinstance(x.sharding, NamedSharding) and x.sharding.mesh != mesh:
-        return jax.device_put(x, NamedSharding(mesh, x.sharding.spec))
-    return x
-
-
-def _quantize_sharded(x: jax.Array, qtype: QuantType, path: str, *, check: bool, stats: bool):
-    from ._quantize import check_dtype
-
-    check_dtype(x, path)
-    xa = _to_auto(x)
-    shardings = _sharded_out(xa, qtype, path)
-    key = tuple(sorted(shardings.items())) if shardings is not None else None
-    leaves, bad, sums = _sharded_fn(qtype, key, stats)(xa)
-    if isinstance(x.sharding, NamedSharding):
-        leaves = {k: _to_mesh(v, x.sharding.mesh) for k, v in leaves.items()}
-    if check and bool(bad):
-        # the error path only: gather it for quantize_tensor's exact message
-        quantize_tensor(np.asarray(x), qtype, check=True, name=path)
-        raise NonFiniteError(f"tensor {path!r} holds a non-finite value or overflows {qtype.name}")
-    q = QuantizedTensor(**leaves, shape=tuple(x.shape), dtype=np.dtype(x.dtype), qtype=qtype)
-    st = None
-    if stats:
-        sq, mx, ab, sig = (float(v) for v in sums)
-        st = (sq, mx, ab, sig, math.prod(x.shape))
-    return q, st
-
-
-# -- dequantize ------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def _dequantize_sharded_fn(qtype: QuantType, shape, dtype, sharding):
-    def f(leaves):
-        vals = dequantize_blocks(leaves, qtype)
-        n = shape[-1] if shape else 1
-        if qtype.is_block_quantized:
-            vals = vals.reshape(*vals.shape[:-2], -1)[..., :n]
-        return vals.reshape(shape).astype(dtype)
-
-    return jax.jit(f, out_shardings=sharding)
-
-
-def _dequantize_leaf(q: QuantizedTensor, dtype):
-    qs = q.qs
-    if _is_multi_device(qs) and isinstance(qs.sharding, NamedSharding) and q.shape:
-        spec = tuple(qs.sharding.spec) + (None,) * (qs.ndim - len(qs.sharding.spec))
-        if q.qtype.is_block_quantized:
-            spec = spec[:-1]  # (*lead, nb, w) -> (*lead, n)
-        mesh = qs.sharding.mesh
-        sharding = NamedSharding(_auto_mesh(mesh), PartitionSpec(*spec))
-        out_dtype = np.dtype(dtype) if dtype is not None else q.dtype
-        leaves = {k: _to_auto(v) for k, v in q.leaves().items()}
-        out = _dequantize_sharded_fn(q.qtype, q.shape, out_dtype, sharding)(leaves)
-        return _to_mesh(out, mesh)
-    return dequantize_tensor(q, dtype)
 
 
 # -- report ----------------------------------------------------------------------------

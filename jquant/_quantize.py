@@ -221,6 +221,11 @@ def quantize_tensor(
 
 @functools.partial(jax.jit, static_argnames=("qtype", "shape", "dtype"))
 def _dequantize_jit(leaves, *, qtype: QuantType, shape, dtype):
+    return dequantize_leaves(leaves, qtype, shape, dtype)
+
+
+def dequantize_leaves(leaves, qtype: QuantType, shape, dtype) -> jax.Array:
+    """The packed leaves of a QuantizedTensor -> its logical array (traceable, unjitted)."""
     vals = dequantize_blocks(leaves, qtype)
     n = shape[-1] if shape else 1
     if qtype.is_block_quantized:
