@@ -76,15 +76,24 @@ def _diagnose(blocks: jax.Array, leaves: dict[str, jax.Array], qtype: QuantType)
             flat[:, 0]
         )
     bad = nonfinite | overflow
-    idx = jnp.argmax(bad).astype(jnp.int32)
-    code = jnp.where(bad[idx], jnp.where(nonfinite[idx], _NONFINITE, _OVERFLOW), _OK)
-    row = flat[idx]
-    # the offending value: the first non-finite one, else the largest magnitude
-    nf_pos = jnp.argmax(~jnp.isfinite(row))
-    big_pos = jnp.argmax(jnp.abs(row))
-    val = jnp.where(code == _NONFINITE, row[nf_pos], row[big_pos])
-    pos = jnp.where(code == _NONFINITE, nf_pos, big_pos).astype(jnp.int32)
-    return code.astype(jnp.int32), idx * flat.shape[-1] + pos, val
+
+    def locate(_):
+        idx = jnp.argmax(bad).astype(jnp.int32)
+        code = jnp.where(nonfinite[idx], _NONFINITE, _OVERFLOW).astype(jnp.int32)
+        row = flat[idx]
+        # the offending value: the first non-finite one, else the largest magnitude
+        nf_pos = jnp.argmax(~jnp.isfinite(row))
+        big_pos = jnp.argmax(jnp.abs(row))
+        val = jnp.where(code == _NONFINITE, row[nf_pos], row[big_pos])
+        pos = jnp.where(code == _NONFINITE, nf_pos, big_pos).astype(jnp.int32)
+        return code, idx * flat.shape[-1] + pos, val
+
+    def nothing(_):
+        z = jnp.zeros((), jnp.int32)
+        return z, z, jnp.zeros((), jnp.float32)
+
+    # The argmax (a slow variadic reduce on CPU) runs only when something is wrong.
+    return jax.lax.cond(bad.any(), locate, nothing, None)
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "diagnose"))
