@@ -61,20 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"jquant {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser(
-        "demo",
-        help="quantize the built-in example model into every format (the default)",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    demo = command("demo", "quantize the built-in example model into every format (the default)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    q = sub.add_parser(
-        "quantize",
-        help="quantize a .safetensors, .npz or .gguf checkpoint into a GGUF file",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    q = command("quantize", "quantize a .safetensors, .npz or .gguf checkpoint into a GGUF file")
     q.add_argument("input", help="a .safetensors, .npz or .gguf file")
     q.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     q.add_argument(
@@ -106,21 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
 
-    i = sub.add_parser(
-        "inspect",
-        help="list a file's tensors, formats, shapes, sizes and metadata",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    i = command("inspect", "list a file's tensors, formats, shapes, sizes and metadata")
     i.add_argument("file", help="a .gguf, .safetensors or .npz file")
     i.add_argument("--json", action="store_true", help="print JSON")
 
-    c = sub.add_parser(
-        "compare",
-        help="per-tensor error of a quantized file against the original",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    c = command("compare", "per-tensor error of a quantized file against the original")
     c.add_argument("original", help="the original .safetensors, .npz or .gguf file")
     c.add_argument("quantized", help="the quantized file (usually .gguf)")
     c.add_argument("--json", action="store_true", help="print JSON")
@@ -331,7 +316,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.quiet:
         console = _console()
         if len(report.rows) <= 200:
-            console.print(_quantize_table(report, f"{args.input} -> {args.output}"))
+            console.print(report.table(f"{args.input} -> {args.output}", errors=False))
         if requant:
             console.print(
                 f"[yellow]note:[/] {len(requant)} tensor(s) were already quantized in the input "
@@ -345,35 +330,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"{report.compression_ratio:.2f}x smaller than the input tensors) in {elapsed:.1f} s"
         )
     return EXIT_OK
-
-
-def _quantize_table(report, title: str):
-    from rich.table import Table
-
-    t = Table(title=title)
-    for col in ("tensor", "shape", "format", "before", "after", "bits/w", "note"):
-        t.add_column(col, justify="right" if col in ("before", "after", "bits/w") else "left")
-    for r in report.rows:
-        t.add_row(
-            r.path,
-            "x".join(map(str, r.shape)) or "()",
-            r.format or f"({r.dtype})",
-            human_bytes(r.bytes_before),
-            human_bytes(r.bytes_after),
-            f"{r.bits_per_weight:.2f}",
-            r.reason or "",
-        )
-    t.add_section()
-    t.add_row(
-        f"total: {len(report.rows)} tensors, {report.num_quantized} quantized",
-        "",
-        "",
-        human_bytes(report.bytes_before),
-        human_bytes(report.bytes_after),
-        f"{report.bits_per_weight:.2f}",
-        f"{report.compression_ratio:.2f}x smaller",
-    )
-    return t
 
 
 _ROW_KEYS = (

@@ -145,10 +145,15 @@ class ModelReport:
         """One plain dict per leaf (the :class:`LeafReport` fields)."""
         return [dataclasses.asdict(r) for r in self.rows]
 
-    def table(self, title: str | None = "jquant model report"):
-        """A ``rich.table.Table`` with a row per leaf and a total row."""
+    def table(self, title: str | None = "jquant model report", *, errors: bool = True):
+        """A ``rich.table.Table`` with a row per leaf and a total row.
+
+        ``errors=False`` leaves out the RMSE, max error and SQNR columns (for reports made
+        without statistics, such as a file conversion's).
+        """
         from rich.table import Table
 
+        err_cols = [("RMSE", "right"), ("max err", "right"), ("SQNR dB", "right")] if errors else []
         t = Table(title=title, show_footer=False)
         for col, just in [
             ("path", "left"),
@@ -157,13 +162,12 @@ class ModelReport:
             ("before", "right"),
             ("after", "right"),
             ("bits/w", "right"),
-            ("RMSE", "right"),
-            ("max err", "right"),
-            ("SQNR dB", "right"),
+            *err_cols,
             ("note", "left"),
         ]:
             t.add_column(col, justify=just)
         for r in self.rows:
+            err = [_num(r.rmse), _num(r.max_error), _num(r.sqnr_db, ".1f")] if errors else []
             t.add_row(
                 r.path,
                 "x".join(map(str, r.shape)) or "()",
@@ -171,12 +175,11 @@ class ModelReport:
                 human_bytes(r.bytes_before),
                 human_bytes(r.bytes_after),
                 f"{r.bits_per_weight:.2f}" if r.bytes_after else "",
-                _num(r.rmse),
-                _num(r.max_error),
-                _num(r.sqnr_db, ".1f"),
+                *err,
                 r.reason or "",
             )
         t.add_section()
+        total_err = ["", "", _num(self.sqnr_db if self.num_quantized else None, ".1f")]
         t.add_row(
             f"total ({len(self.rows)} leaves, {self.num_quantized} quantized)",
             f"{self.num_params:,}",
@@ -184,9 +187,7 @@ class ModelReport:
             human_bytes(self.bytes_before),
             human_bytes(self.bytes_after),
             f"{self.bits_per_weight:.2f}",
-            "",
-            "",
-            _num(self.sqnr_db if self.num_quantized else None, ".1f"),
+            *(total_err if errors else []),
             f"{self.compression_ratio:.2f}x smaller",
         )
         return t
