@@ -26,7 +26,7 @@ _OK, _NONFINITE, _OVERFLOW = 0, 1, 2
 def check_dtype(x: Any, name: str | None = None) -> np.dtype:
     """Return ``x``'s dtype if jquant can quantize it, else raise UnsupportedDTypeError."""
     dtype = getattr(x, "dtype", None)
-    dtype = np.dtype(dtype if dtype is not None else np.result_type(x))
+    dtype = np.dtype(dtype if dtype is not None else np.asarray(x).dtype)  # lists, scalars
     if dtype.name not in _FLOAT_DTYPES:
         what = f"tensor {name!r}" if name else "input"
         raise UnsupportedDTypeError(

@@ -255,6 +255,16 @@ def test_unchecked_under_jit_by_default():
     assert q.shape == (1, 32)
 
 
+def test_python_lists_and_scalars():
+    q = jquant.quantize_tensor([1.0, 2.0, 3.0], "q8_0")
+    assert q.shape == (3,) and jquant.dequantize_tensor(q).shape == (3,)
+    assert jquant.quantize_tensor(2.5, "q4_0").shape == ()
+    with pytest.raises(jquant.UnsupportedDTypeError, match="int"):
+        jquant.quantize_tensor([1, 2], "q8_0")
+    with pytest.raises(jquant.UnsupportedDTypeError):
+        jquant.quantize_tensor("abc", "q8_0")
+
+
 def test_dequantize_rejects_non_quantized_input():
     with pytest.raises(TypeError, match="QuantizedTensor"):
         jquant.dequantize_tensor(jnp.ones(3))
