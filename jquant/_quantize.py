@@ -57,43 +57,47 @@ def _to_blocks(x: jax.Array, qtype: QuantType) -> jax.Array:
 
 
 def _diagnose(blocks: jax.Array, leaves: dict[str, jax.Array], qtype: QuantType):
-    """(code, flat block index, offending value) of the first bad block, code 0 if none."""
-    width = blocks.shape[-1] if qtype.is_block_quantized else 1
-    flat = blocks.reshape(-1, width)
-    if flat.shape[0] == 0:
-        z = jnp.zeros((), jnp.int32)
-        return z, z, jnp.zeros((), jnp.float32)
-    nonfinite = ~jnp.isfinite(flat).all(axis=-1)
-    if not qtype.is_block_quantized:
-        # F16/BF16/F32 store NaN/Inf faithfully; only finite values that overflow matter.
-        nonfinite = jnp.zeros_like(nonfinite)
-    if qtype.is_block_quantized:
-        overflow = ~jnp.isfinite(leaves["d"].reshape(-1))
+    """(code, flat element index, offending value) of the first bad block, code 0 if none.
+
+    Cheap in the common case: it reads only the scales (block formats) or the stored
+    values (F16/BF16). A NaN or Inf anywhere in a block makes ggml's scale NaN or Inf
+    (max and min propagate them), exactly like a scale that overflows float16, so a
+    non-finite scale flags both; which one it was is worked out on the bad block alone.
+    F32 stores anything faithfully, and F16/BF16 keep NaN/Inf inputs as they are: only a
+    finite value that overflows the format counts there.
+    """
+    z = jnp.zeros((), jnp.int32)
+    none = (z, z, jnp.zeros((), jnp.float32))
+    if qtype is QuantType.F32 or blocks.size == 0:
+        return none
+    block = qtype.is_block_quantized
+    flat = blocks.reshape(-1, blocks.shape[-1] if block else 1)
+    if block:
+        suspect = ~jnp.isfinite(leaves["d"].reshape(-1))
         if "m" in leaves:
-            overflow |= ~jnp.isfinite(leaves["m"].reshape(-1))
-    else:
-        overflow = ~jnp.isfinite(leaves["qs"].astype(jnp.float32).reshape(-1)) & jnp.isfinite(
-            flat[:, 0]
-        )
-    bad = nonfinite | overflow
+            suspect |= ~jnp.isfinite(leaves["m"].reshape(-1))
+    else:  # exponent bits all ones (Inf/NaN), read as integers: much faster than f16 math
+        bits = jax.lax.bitcast_convert_type(leaves["qs"].reshape(-1), jnp.uint16)
+        suspect = (bits & 0x7FFF) >= (0x7C00 if qtype is QuantType.F16 else 0x7F80)
 
     def locate(_):
+        if block:
+            bad = suspect
+        else:  # an overflow is a finite input stored as Inf
+            bad = suspect & jnp.isfinite(flat[:, 0])
         idx = jnp.argmax(bad).astype(jnp.int32)
-        code = jnp.where(nonfinite[idx], _NONFINITE, _OVERFLOW).astype(jnp.int32)
         row = flat[idx]
+        nonfinite = block & ~jnp.isfinite(row).all()
+        code = jnp.where(bad[idx], jnp.where(nonfinite, _NONFINITE, _OVERFLOW), _OK)
         # the offending value: the first non-finite one, else the largest magnitude
         nf_pos = jnp.argmax(~jnp.isfinite(row))
         big_pos = jnp.argmax(jnp.abs(row))
         val = jnp.where(code == _NONFINITE, row[nf_pos], row[big_pos])
         pos = jnp.where(code == _NONFINITE, nf_pos, big_pos).astype(jnp.int32)
-        return code, idx * flat.shape[-1] + pos, val
+        return code.astype(jnp.int32), idx * flat.shape[-1] + pos, val
 
-    def nothing(_):
-        z = jnp.zeros((), jnp.int32)
-        return z, z, jnp.zeros((), jnp.float32)
-
-    # The argmax (a slow variadic reduce on CPU) runs only when something is wrong.
-    return jax.lax.cond(bad.any(), locate, nothing, None)
+    # The argmax (a slow variadic reduce on CPU) runs only when something looks wrong.
+    return jax.lax.cond(suspect.any(), locate, lambda _: none, None)
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "diagnose"))

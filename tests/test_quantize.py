@@ -231,6 +231,16 @@ def test_f32_and_bf16_keep_non_finite_values_faithfully():
         assert np.isnan(y[1]) and y[2] == np.inf and y[3] == -np.inf
 
 
+@pytest.mark.parametrize("fmt", ["F16", "BF16"])
+def test_float_formats_flag_overflow_even_beside_kept_nans(fmt):
+    x = np.ones((2, 40), np.float32)
+    x[0, 1] = np.nan
+    jquant.quantize_tensor(x, fmt)  # NaN alone is stored as NaN, no error
+    x[1, 7] = np.finfo(np.float32).max  # rounds to Inf in F16 and in BF16
+    with pytest.raises(jquant.ScaleOverflowError, match=r"\(1, 7\)"):
+        jquant.quantize_tensor(x, fmt)
+
+
 def test_unchecked_path_gives_nan_like_ggml():
     x = np.ones((1, 32), np.float32)
     x[0, 3] = np.nan
