@@ -272,18 +272,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     meta.setdefault("general.quantized_by", "jquant")
     prog, callback = _progress(args.quiet or args.json)
     t0 = time.perf_counter()
-    if prog is not None:
-        with prog:
-            report = convert_sources(
-                sources,
-                args.output,
-                rules,
-                min_size=args.min_size,
-                keep_1d=not args.quantize_1d,
-                metadata=meta,
-                progress=callback,
-            )
-    else:
+    with prog if prog is not None else contextlib.nullcontext():
         report = convert_sources(
             sources,
             args.output,
@@ -291,6 +280,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             min_size=args.min_size,
             keep_1d=not args.quantize_1d,
             metadata=meta,
+            progress=callback,
         )
     elapsed = time.perf_counter() - t0
     file_size = os.path.getsize(args.output)
