@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._formats.guards import TINY, exact_div, no_fma, opaque, safe_recip
 from ._types import QuantType
 
 __all__ = ["dequantize_blocks", "quantize_blocks", "BLOCK"]
@@ -29,52 +30,11 @@ BLOCK = 32
 _HALF = 16
 
 
-def _opaque(x: jax.Array, dep: jax.Array | None = None) -> jax.Array:
-    """``x`` unchanged, in a form neither XLA nor LLVM can reason about.
-
-    The bits of ``x`` are xor-ed with ``dep != dep`` (0 unless ``dep`` is NaN, and then
-    the result is NaN anyway). No compiler can prove that zero, so the value that comes
-    out is a run-time unknown: it isn't constant-folded, a division by it can't become
-    a multiply by a reciprocal, ``1 / (a / c)`` can't be simplified, and a product
-    passed through it must be rounded before the add that follows (no FMA contraction).
-    Optimization barriers, selects and ``reduce_precision`` don't survive XLA's fusion
-    passes for this (tests/test_exact.py's 1/3-scaled ties catch them).
-    """
-    dep = x if dep is None else dep
-    uint = jnp.dtype(f"uint{8 * jnp.dtype(x.dtype).itemsize}")
-    bits = lax.bitcast_convert_type(x, uint)
-    bits = bits ^ (dep != dep).astype(uint)
-    return lax.bitcast_convert_type(bits, x.dtype)
-
-
-def _exact_div(a: jax.Array, b: float | jax.Array) -> jax.Array:
-    """``a / b`` computed as an IEEE division, never as a multiply by ``1/b``."""
-    a = jnp.asarray(a)
-    b = jnp.asarray(b, a.dtype)
-    shape = jnp.broadcast_shapes(a.shape, b.shape)
-    a = jnp.broadcast_to(a, shape)
-    return a / _opaque(jnp.broadcast_to(b, shape), dep=a)
-
-
-_TINY = float(jnp.finfo(jnp.float32).tiny)  # 2**-126, the smallest normal float32
-
-
-def _safe_recip(d: jax.Array) -> jax.Array:
-    """ggml's ``id = d ? 1.0f/d : 0.0f``, with ``d`` opaque to the simplifier.
-
-    A scale that is an f32 subnormal counts as zero. XLA:CPU flushes subnormals to zero
-    anyway; doing it explicitly keeps every backend identical. Such a block's fp16 scale
-    is 0 in ggml too, so it dequantizes to the same values; only its (meaningless)
-    quants differ from ggml's, whose ``1/d`` there is huge or infinite.
-    """
-    d = _opaque(d)
-    normal = jnp.abs(d) >= _TINY
-    return jnp.where(normal, 1.0 / jnp.where(normal, d, 1.0), 0.0)
-
-
-def _no_fma(product: jax.Array) -> jax.Array:
-    """``product``, rounded: the add that follows can't be fused into an FMA with it."""
-    return _opaque(product)
+_opaque = opaque
+_exact_div = exact_div
+_safe_recip = safe_recip
+_no_fma = no_fma
+_TINY = TINY
 
 
 def _first_sign_key(blocks: jax.Array, hit: jax.Array) -> jax.Array:

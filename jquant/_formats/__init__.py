@@ -1,0 +1,1 @@
+"""The format table and the per-format kernels (private: users import ``jquant``)."""
