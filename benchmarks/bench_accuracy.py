@@ -24,8 +24,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_result  # noqa: E402
-
-from jquant._digits import FORMATS, evaluate_formats, train_digits_mlp
+from digits import FORMATS, evaluate_formats, train_digits_mlp  # noqa: E402
 
 
 def main() -> None:

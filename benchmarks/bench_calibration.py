@@ -29,8 +29,8 @@ from _common import machine, md_table, median_time, timed, write_result  # noqa:
 
 import jquant  # noqa: E402
 from jquant import CalibrationMethod as M  # noqa: E402
-from jquant import _calibration as C  # noqa: E402
-from jquant import _histogram as H  # noqa: E402
+from jquant._calibration import calibration as C  # noqa: E402
+from jquant._calibration import histogram as H  # noqa: E402
 
 METHODS = [M.MinMax, M.Percentile(99.99), M.Entropy, M.MeanStd(3.0), M.MSE]
 

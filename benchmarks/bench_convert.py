@@ -126,7 +126,7 @@ def main() -> None:
         res = json.loads(out.stdout.strip().splitlines()[-1])
         # spot check: the smallest matrix, byte-exact against quantize_tensor
         import jquant
-        from jquant._safetensors import safetensors_sources
+        from jquant._io.safetensors import safetensors_sources
 
         name = min((n for n, s in shapes.items() if len(s) == 2 and "embed" not in n), default=None)
         src_arr = next(s for s in safetensors_sources(src)[0] if s.name == name).load()

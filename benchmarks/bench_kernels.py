@@ -26,7 +26,7 @@ from _common import machine, md_table, median_time, timed, write_result  # noqa:
 
 import jquant  # noqa: E402
 from jquant import QuantType  # noqa: E402
-from jquant._quantize import _dequantize_jit, _quantize_jit  # noqa: E402
+from jquant._core.quantize import _dequantize_jit, _quantize_jit  # noqa: E402
 
 FORMATS = [
     QuantType.Q8_0,

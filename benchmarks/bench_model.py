@@ -140,7 +140,7 @@ def child(args) -> int:
             out[fmt] = time.perf_counter() - t0
     elif args.child in FORMATS:  # peak RSS of one call, compiled beforehand
         fmt = args.child
-        warm = jnp.ones((jquant._model.CHUNK_BLOCKS, 32))  # compiles the same programs
+        warm = jnp.ones((jquant._model.model.CHUNK_BLOCKS, 32))  # compiles the same programs
         jax.block_until_ready(jquant.quantize_model({"w": warm, "v": warm[:3]}, fmt))
         gc.collect()
         with PeakRSS() as mem:
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     lines += [
         "",
         "How: leaves are grouped by format and their 32-value blocks streamed through "
-        f"chunks of {jquant._model.CHUNK_BLOCKS:,} blocks (4 MiB of float32, cache-sized), "
+        f"chunks of {jquant._model.model.CHUNK_BLOCKS:,} blocks (4 MiB of float32, cache-sized), "
         "one jitted program per format and chunk size for any model; a big leaf's "
         "chunks are read in place (no copy) and packed results are written straight "
         "into the output arrays, so memory stays near params + packed output. "

@@ -3,15 +3,20 @@
 Byte-exact with ggml's reference quantizer, pure and jittable, on CPU, GPU and TPU.
 """
 
-from ._activations import calibrate_activations as calibrate_activations
-from ._affine import dequantize_affine as dequantize_affine
-from ._affine import quantize_affine as quantize_affine
-from ._calibration import CalibrationData as CalibrationData
-from ._calibration import CalibrationMethod as CalibrationMethod
-from ._calibration import calibrate as calibrate
-from ._calibration import merge_calibration as merge_calibration
-from ._dot import dense as dense
-from ._dot import dot as dot
+from ._calibration.activations import calibrate_activations as calibrate_activations
+from ._calibration.affine import dequantize_affine as dequantize_affine
+from ._calibration.affine import quantize_affine as quantize_affine
+from ._calibration.calibration import CalibrationData as CalibrationData
+from ._calibration.calibration import CalibrationMethod as CalibrationMethod
+from ._calibration.calibration import calibrate as calibrate
+from ._calibration.calibration import merge_calibration as merge_calibration
+from ._core.dot import dense as dense
+from ._core.dot import dot as dot
+from ._core.quantize import dequantize_tensor as dequantize_tensor
+from ._core.quantize import quantize_tensor as quantize_tensor
+from ._core.stats import QuantizationStats as QuantizationStats
+from ._core.stats import compute_quantization_stats as compute_quantization_stats
+from ._core.tensor import QuantizedTensor as QuantizedTensor
 from ._errors import CalibrationError as CalibrationError
 from ._errors import FileFormatError as FileFormatError
 from ._errors import FileWriteError as FileWriteError
@@ -21,22 +26,17 @@ from ._errors import ScaleOverflowError as ScaleOverflowError
 from ._errors import ShapeError as ShapeError
 from ._errors import UnknownFormatError as UnknownFormatError
 from ._errors import UnsupportedDTypeError as UnsupportedDTypeError
-from ._gguf import GGUFInfo as GGUFInfo
-from ._gguf import GGUFTensorInfo as GGUFTensorInfo
-from ._gguf import inspect_gguf as inspect_gguf
-from ._gguf import load_gguf as load_gguf
-from ._gguf import save_gguf as save_gguf
-from ._model import dequantize_model as dequantize_model
-from ._model import quantize_model as quantize_model
-from ._quantize import dequantize_tensor as dequantize_tensor
-from ._quantize import quantize_tensor as quantize_tensor
-from ._report import LeafReport as LeafReport
-from ._report import ModelReport as ModelReport
-from ._safetensors import convert_safetensors as convert_safetensors
-from ._stats import QuantizationStats as QuantizationStats
-from ._stats import compute_quantization_stats as compute_quantization_stats
-from ._tensor import QuantizedTensor as QuantizedTensor
-from ._types import QuantType as QuantType
+from ._formats.quant_type import QuantType as QuantType
+from ._io.gguf import GGUFInfo as GGUFInfo
+from ._io.gguf import GGUFTensorInfo as GGUFTensorInfo
+from ._io.gguf import inspect_gguf as inspect_gguf
+from ._io.gguf import load_gguf as load_gguf
+from ._io.gguf import save_gguf as save_gguf
+from ._io.safetensors import convert_safetensors as convert_safetensors
+from ._model.model import dequantize_model as dequantize_model
+from ._model.model import quantize_model as quantize_model
+from ._model.report import LeafReport as LeafReport
+from ._model.report import ModelReport as ModelReport
 
 __version__ = "0.1.0"
 

@@ -1,12 +1,18 @@
 """End-to-end accuracy: a digits MLP trained here, evaluated at F32 and every format."""
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jquant
-from jquant._digits import FORMATS, accuracy, evaluate_formats, train_digits_mlp
+
+# the digits demo (flax + optax) lives with the benchmarks, outside the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from digits import FORMATS, accuracy, evaluate_formats, train_digits_mlp  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jquant
-from jquant._cli import main
+from jquant._cli.main import main
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 

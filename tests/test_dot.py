@@ -7,7 +7,7 @@ import pytest
 from jax import lax
 
 import jquant
-from jquant._dot import dense, dot
+from jquant._core.dot import dense, dot
 
 FORMATS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f16", "bf16", "f32"]
 # (in, out) Flax kernels: aligned, ragged last axis, out < 32, 3-D (DenseGeneral), one row

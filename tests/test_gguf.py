@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jquant
-from jquant._gguf import MAX_NAME_BYTES, Entry, gguf_name, write_gguf
+from jquant._io.gguf import MAX_NAME_BYTES, Entry, gguf_name, write_gguf
 
 BLOCK_FORMATS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 ALL_FORMATS = [*BLOCK_FORMATS, "f16", "bf16", "f32"]

@@ -8,7 +8,7 @@ import pytest
 
 import jquant
 from jquant import QuantizedTensor, QuantType
-from jquant._model import _quantize_chunk
+from jquant._model.model import _quantize_chunk
 
 ALL_FORMATS = [t.name for t in QuantType]
 

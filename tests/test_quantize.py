@@ -11,7 +11,7 @@ from jax.experimental import checkify
 
 import jquant
 from jquant import QuantType
-from jquant._quantize import _dequantize_jit, _quantize_jit
+from jquant._core.quantize import _dequantize_jit, _quantize_jit
 
 FORMATS = list(QuantType)
 

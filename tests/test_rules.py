@@ -9,7 +9,7 @@ import pytest
 
 import jquant
 from jquant import QuantizedTensor, QuantType
-from jquant._rules import decide, parse_rules, path_to_str
+from jquant._model.rules import decide, parse_rules, path_to_str
 
 
 def fmt_of(x):

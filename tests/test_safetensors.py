@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jquant
-from jquant._safetensors import convert_sources, npz_sources, safetensors_sources
+from jquant._io.safetensors import convert_sources, npz_sources, safetensors_sources
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import jquant
 from jquant import QuantizedTensor
-from jquant._sharding import _quantize_sharded, _sharded_fn, _sharded_out, _to_auto
+from jquant._model.sharding import _quantize_sharded, _sharded_fn, _sharded_out, _to_auto
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 

@@ -22,9 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._model import dequantize_model, quantize_model
-from ._tensor import QuantizedTensor
-from ._types import QuantType, QuantTypeLike
+from jquant import QuantizedTensor, QuantType, dequantize_model, quantize_model
 
 __all__ = [
     "DigitsData",
@@ -150,7 +148,7 @@ def evaluate_formats(
     model: nn.Module,
     params: Any,
     data: DigitsData,
-    formats: Sequence[QuantTypeLike] = FORMATS,
+    formats: Sequence[QuantType | str] = FORMATS,
 ) -> list[FormatAccuracy]:
     """Quantize every kernel (biases stay F32) to each format and measure test accuracy.
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import ShapeError
-from ._types import QuantType, QuantTypeLike
+from .._errors import ShapeError
+from .._formats.quant_type import QuantType, QuantTypeLike
 
 __all__ = ["QuantizationStats", "compute_quantization_stats"]
 

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._errors import ShapeError, UnsupportedDTypeError
-from ._kernels import BLOCK
-from ._quantize import dequantize_tensor
-from ._tensor import QuantizedTensor
-from ._types import QuantType
+from .._errors import ShapeError, UnsupportedDTypeError
+from .._formats.legacy import BLOCK
+from .._formats.quant_type import QuantType
+from .quantize import dequantize_tensor
+from .tensor import QuantizedTensor
 
 __all__ = ["dense", "dot"]
 

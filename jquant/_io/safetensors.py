@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import FileFormatError
-from ._gguf import Entry, array_entry, write_gguf
-from ._model import quantize_model
-from ._report import LeafReport, ModelReport
-from ._rules import DEFAULT_MIN_SIZE, decide, parse_rules
-from ._tensor import QuantizedTensor
-from ._types import QuantType, QuantTypeLike
+from .._core.tensor import QuantizedTensor
+from .._errors import FileFormatError
+from .._formats.quant_type import QuantType, QuantTypeLike
+from .._model.model import quantize_model
+from .._model.report import LeafReport, ModelReport
+from .._model.rules import DEFAULT_MIN_SIZE, decide, parse_rules
+from .gguf import Entry, array_entry, write_gguf
 
 __all__ = [
     "Source",
@@ -210,9 +210,9 @@ def gguf_sources(path: str | os.PathLike) -> tuple[list[Source], dict[str, Any]]
 
     Names are the saved pytree paths for jquant files, the GGUF names otherwise.
     """
-    from ._gguf import decode_tensor, is_decoded, jquant_entries
-    from ._gguf_file import read_header
-    from ._quantize import dequantize_tensor
+    from .._core.quantize import dequantize_tensor
+    from .gguf import decode_tensor, is_decoded, jquant_entries
+    from .gguf_file import read_header
 
     info, mm = read_header(path)
     parsed = jquant_entries(info)

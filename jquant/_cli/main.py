@@ -23,8 +23,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ._report import _num
-from ._tensor import human_bytes
+from .._core.tensor import human_bytes
+from .._model.report import _num
 
 __all__ = ["main"]
 
@@ -49,7 +49,7 @@ exit codes:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     p = argparse.ArgumentParser(
         prog="jquant",
@@ -146,9 +146,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from . import _model
-    from ._example import example_params
-    from ._types import QuantType
+    from .._formats.quant_type import QuantType
+    from .._model.model import quantize_model
+    from .example import example_params
 
     params = example_params()
     leaves = jax.tree.leaves(params)
@@ -158,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for qt in QuantType:
 
         def run(qt=qt):
-            out = _model.quantize_model(params, qt, min_size=0, keep_1d=False)
+            out = quantize_model(params, qt, min_size=0, keep_1d=False)
             return jax.block_until_ready(out)
 
         t0 = time.perf_counter()
@@ -170,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             run()
             times.append(time.perf_counter() - t0)
         # errors from the fused statistics of quantize_model(report=True)
-        _, report = _model.quantize_model(params, qt, min_size=0, keep_1d=False, report=True)
+        _, report = quantize_model(params, qt, min_size=0, keep_1d=False, report=True)
         sq = sum((r.rmse or 0.0) ** 2 * r.size for r in report.rows)
         rows.append(
             {
@@ -222,7 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _rules(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    from ._errors import QuantError
+    from .._errors import QuantError
 
     rules: list[tuple[str, Any]] = []
     for r in args.rule:
@@ -264,7 +264,7 @@ def _progress(quiet: bool, verb: str = "quantizing"):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ._safetensors import convert_sources, read_sources
+    from .._io.safetensors import convert_sources, read_sources
 
     rules = _rules(args)
     sources, meta = read_sources(args.input)
@@ -344,14 +344,14 @@ def _short(v: Any, width: int = 60) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ._errors import FileFormatError
-    from ._safetensors import read_sources
+    from .._errors import FileFormatError
+    from .._io.safetensors import read_sources
 
     path = args.file
     if path.lower().endswith(".gguf"):
         if not os.path.exists(path):
             raise FileNotFoundError(2, "No such file or directory", path)
-        from ._gguf import K_TENSORS, inspect_gguf
+        from .._io.gguf import K_TENSORS, inspect_gguf
 
         info = inspect_gguf(path)
         entries = None
@@ -453,15 +453,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ._errors import FileFormatError
-    from ._gguf import gguf_name
-    from ._safetensors import read_sources
+    from .._errors import FileFormatError
+    from .._io.gguf import gguf_name
+    from .._io.safetensors import read_sources
 
     orig, _ = read_sources(args.original)
     quant, _ = read_sources(args.quantized)
     qfmt: dict[str, str] = {}
     if args.quantized.lower().endswith(".gguf"):
-        from ._gguf import inspect_gguf
+        from .._io.gguf import inspect_gguf
 
         info = inspect_gguf(args.quantized)
         names = [s.name for s in quant]
@@ -570,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``jquant`` command line; returns the exit code (see the module docstring).
 
     Example:
-        >>> from jquant._cli import main
+        >>> from jquant._cli.main import main
         >>> main(["quantize", "/no/such/file.safetensors", "-o", "/tmp/x.gguf"])
         3
     """
@@ -580,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv or ["demo"])
     except SystemExit as e:  # --help, --version, or a usage error (argparse printed it)
         return int(e.code or 0)
-    from ._errors import FileFormatError, FileWriteError, QuantError
+    from .._errors import FileFormatError, FileWriteError, QuantError
 
     commands = {
         "demo": cmd_demo,

@@ -9,8 +9,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._errors import FileFormatError
-from ._types import QuantType, QuantTypeLike
+from .._errors import FileFormatError
+from .._formats.quant_type import QuantType, QuantTypeLike
 
 __all__ = ["QuantizedTensor", "human_bytes", "num_blocks_for"]
 

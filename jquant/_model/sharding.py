@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ._errors import NonFiniteError, ShapeError
-from ._kernels import BLOCK, dequantize_blocks, quantize_blocks
-from ._quantize import _to_blocks, dequantize_leaves, dequantize_tensor, quantize_tensor
-from ._tensor import QuantizedTensor
-from ._types import QuantType
+from .._core.quantize import _to_blocks, dequantize_leaves, dequantize_tensor, quantize_tensor
+from .._core.tensor import QuantizedTensor
+from .._errors import NonFiniteError, ShapeError
+from .._formats.legacy import BLOCK, dequantize_blocks, quantize_blocks
+from .._formats.quant_type import QuantType
 
 _LEAF_FIELDS = {
     qt: {"d"}
@@ -141,7 +141,7 @@ def _to_mesh(x: jax.Array, mesh) -> jax.Array:
 
 
 def _quantize_sharded(x: jax.Array, qtype: QuantType, path: str, *, check: bool, stats: bool):
-    from ._quantize import check_dtype
+    from .._core.quantize import check_dtype
 
     check_dtype(x, path)
     xa = _to_auto(x)

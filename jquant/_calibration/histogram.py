@@ -1,7 +1,7 @@
 """The |x| histogram and the threshold searches behind :func:`jquant.calibrate`.
 
 Conventions (NVIDIA's, as TensorRT / pytorch-quantization ship them; see
-``jquant._calibration`` for the full list):
+``jquant._calibration.calibration`` for the full list):
 
 * Bin ``k`` of a histogram with bin width ``w`` covers ``(e[k], e[k+1]]`` where
   ``e[k] = float32(k) * w`` (bin 0 also holds 0). For the first batch ``w = amax / 2048``,
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._kernels import _exact_div
+from .._formats.legacy import _exact_div
 
 __all__ = [
     "START_BIN",

@@ -68,12 +68,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _histogram as H
-from ._calib_methods import CalibrationMethod, _is_int, as_method, bits_for
-from ._errors import CalibrationError
-from ._kernels import _exact_div
-from ._quantize import check_dtype
-from ._types import QuantTypeLike
+from .._core.quantize import check_dtype
+from .._errors import CalibrationError
+from .._formats.legacy import _exact_div
+from .._formats.quant_type import QuantTypeLike
+from . import histogram as H
+from .methods import CalibrationMethod, _is_int, as_method, bits_for
 
 __all__ = ["CalibrationData", "CalibrationMethod", "calibrate", "merge_calibration"]
 
@@ -226,7 +226,7 @@ class CalibrationData:
         Runs on the host side of jit (the histogram may grow); ``x`` must have the same
         channel sizes as the first batch when ``axis=`` was used.
         """
-        from ._calibration_stream import update
+        from .stream import update
 
         return update(self, x, name=name)
 
@@ -386,7 +386,7 @@ def calibrate(
         _check_bins(method, num_bins)
         s = H.batch_stats(rows, None, n=num_bins, num_bins=num_bins)
     else:
-        from ._calibration_stream import batch_on_width
+        from .stream import batch_on_width
 
         s = batch_on_width(rows, bin_width, num_bins=num_bins, traced=traced)
         _check_bins(method, int(np.asarray(s["nbins"]).min()))
@@ -415,6 +415,6 @@ def merge_calibration(a: CalibrationData, b: CalibrationData) -> CalibrationData
         >>> int(m.count), float(m.mean), float(m.max)
         (8, 4.5, 8.0)
     """
-    from ._calibration_stream import merge
+    from .stream import merge
 
     return merge(a, b)

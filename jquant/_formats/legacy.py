@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._formats.guards import TINY, exact_div, no_fma, opaque, safe_recip
-from ._types import QuantType
+from .guards import TINY, exact_div, no_fma, opaque, safe_recip
+from .quant_type import QuantType
 
 __all__ = ["dequantize_blocks", "quantize_blocks", "BLOCK"]
 

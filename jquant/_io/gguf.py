@@ -65,8 +65,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import FileFormatError, QuantError, ShapeError
-from ._gguf_file import (
+from .._core.tensor import QuantizedTensor
+from .._errors import FileFormatError, QuantError, ShapeError
+from .._formats.quant_type import QuantType
+from .._model.rules import is_array, path_to_str
+from .gguf_file import (
     _ARRAY_TYPES,
     _RAW_TYPES,
     FORMAT_VERSION,
@@ -86,9 +89,6 @@ from ._gguf_file import (
     stored_shape,
     write_gguf,
 )
-from ._rules import is_array, path_to_str
-from ._tensor import QuantizedTensor
-from ._types import QuantType
 
 __all__ = [
     "MAX_NAME_BYTES",
@@ -140,7 +140,7 @@ def quantized_entry(path: str, q: QuantizedTensor) -> tuple[Entry, bool]:
         store_dtype = np.dtype(np.float32) if store is QuantType.F32 else q.dtype
 
         def produce():
-            from ._quantize import dequantize_tensor
+            from .._core.quantize import dequantize_tensor
 
             vals = np.asarray(dequantize_tensor(q, store_dtype))
             return np.ascontiguousarray(vals).reshape(-1).view(np.uint8)

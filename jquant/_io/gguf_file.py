@@ -6,7 +6,7 @@ count, length, type id, shape and offset against the file, so corrupt input rais
 read from past the end); tensor data stays in a read-only memory map. The writer
 (:func:`write_gguf`) goes through ``gguf.GGUFWriter`` one tensor at a time and
 replaces the target only once the file is complete and fsynced. The pytree layer on
-top is :mod:`jquant._gguf`.
+top is :mod:`jquant._io.gguf`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import FileFormatError, FileWriteError, QuantError
-from ._types import QuantType
+from .._errors import FileFormatError, FileWriteError, QuantError
+from .._formats.quant_type import QuantType
 
 __all__ = [
     "Entry",
@@ -125,7 +125,7 @@ def gguf_name(path: str, taken: Mapping[str, Any] | set[str] = frozenset()) -> s
     so loading restores it whatever the name.
 
     Example:
-        >>> from jquant._gguf import gguf_name
+        >>> from jquant._io.gguf import gguf_name
         >>> gguf_name("params/Dense_0/kernel")
         'params.Dense_0.kernel'
         >>> n = gguf_name("encoder/" * 10 + "kernel")

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import CalibrationError
-from ._kernels import _exact_div
+from .._errors import CalibrationError
+from .._formats.legacy import _exact_div
 
 __all__ = ["affine_range", "dequantize_affine", "quantize_affine"]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import CalibrationError
-from ._types import QuantType, QuantTypeLike
+from .._errors import CalibrationError
+from .._formats.quant_type import QuantType, QuantTypeLike
 
 __all__ = ["CalibrationMethod", "as_method", "bits_for"]
 

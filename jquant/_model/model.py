@@ -29,14 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import NonFiniteError, QuantError
-from ._kernels import BLOCK, dequantize_blocks, quantize_blocks
-from ._quantize import quantize_tensor
-from ._report import LeafReport, ModelReport
-from ._rules import DEFAULT_MIN_SIZE, Decision, decide, parse_rules, path_to_str
-from ._sharding import _dequantize_leaf, _is_multi_device, _quantize_sharded
-from ._tensor import QuantizedTensor, num_blocks_for
-from ._types import QuantType, QuantTypeLike
+from .._core.quantize import quantize_tensor
+from .._core.tensor import QuantizedTensor, num_blocks_for
+from .._errors import NonFiniteError, QuantError
+from .._formats.legacy import BLOCK, dequantize_blocks, quantize_blocks
+from .._formats.quant_type import QuantType, QuantTypeLike
+from .report import LeafReport, ModelReport
+from .rules import DEFAULT_MIN_SIZE, Decision, decide, parse_rules, path_to_str
+from .sharding import _dequantize_leaf, _is_multi_device, _quantize_sharded
 
 __all__ = ["dequantize_model", "quantize_model"]
 

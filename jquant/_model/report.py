@@ -7,7 +7,7 @@ import io
 import math
 from typing import Any
 
-from ._tensor import human_bytes
+from .._core.tensor import human_bytes
 
 __all__ = ["LeafReport", "ModelReport"]
 

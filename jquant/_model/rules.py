@@ -25,8 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._errors import QuantError, UnknownFormatError
-from ._types import QuantType, QuantTypeLike
+from .._errors import QuantError, UnknownFormatError
+from .._formats.quant_type import QuantType, QuantTypeLike
 
 __all__ = ["Rule", "Decision", "parse_rules", "decide", "path_to_str", "DEFAULT_MIN_SIZE"]
 
@@ -99,7 +99,7 @@ def parse_rules(
         UnknownFormatError: a format jquant doesn't know (with the rule's pattern).
 
     Example:
-        >>> from jquant._rules import parse_rules
+        >>> from jquant._model.rules import parse_rules
         >>> [(r.pattern, r.qtype) for r in parse_rules({"embed": None, ".*": "q4_0"})]
         [('embed', None), ('.*', <QuantType.Q4_0: 2>)]
     """

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._errors import UnknownFormatError
+from .._errors import UnknownFormatError
 
 __all__ = ["QuantType", "QuantTypeLike", "as_quant_type"]
 

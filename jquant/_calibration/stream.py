@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _calibration as C
-from . import _histogram as H
-from ._errors import CalibrationError
-from ._kernels import _exact_div
+from .._errors import CalibrationError
+from .._formats.legacy import _exact_div
+from . import calibration as C
+from . import histogram as H
 
 __all__ = ["batch_on_width", "bins_needed", "merge", "update"]
 
@@ -141,7 +141,7 @@ def _merge_jit(fa, fb, *, n: int):
         return jnp.pad(h, ((0, 0), (0, n - h.shape[-1])))
 
     with jax.enable_x64(True):
-        from ._histogram import _wide
+        from .histogram import _wide
 
         wide = _wide()
         na, nb = fa["count"].astype(wide), fb["count"].astype(wide)

@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._calibration import CalibrationData, calibrate
-from ._errors import CalibrationError
+from .._errors import CalibrationError
+from .calibration import CalibrationData, calibrate
 
 __all__ = ["calibrate_activations"]
 

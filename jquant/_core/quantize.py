@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from ._errors import NonFiniteError, ScaleOverflowError, UnsupportedDTypeError
-from ._kernels import BLOCK, dequantize_blocks, quantize_blocks
-from ._tensor import QuantizedTensor, num_blocks_for
-from ._types import QuantType, QuantTypeLike
+from .._errors import NonFiniteError, ScaleOverflowError, UnsupportedDTypeError
+from .._formats.legacy import BLOCK, dequantize_blocks, quantize_blocks
+from .._formats.quant_type import QuantType, QuantTypeLike
+from .tensor import QuantizedTensor, num_blocks_for
 
 __all__ = ["dequantize_tensor", "quantize_tensor", "check_dtype"]
 

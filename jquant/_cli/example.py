@@ -45,7 +45,7 @@ def example_params(
         "ln_final": {"scale"}}`` of numpy float32 arrays (kernels ``(in, out)``).
 
     Example:
-        >>> from jquant._example import example_params
+        >>> from jquant._cli.example import example_params
         >>> p = example_params()
         >>> p["layers_0"]["attn"]["query"]["kernel"].shape, p["embed"]["embedding"].dtype
         ((256, 256), dtype('float32'))
