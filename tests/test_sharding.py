@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import jquant
 from jquant import QuantizedTensor
-from jquant._model.sharding import _quantize_sharded, _sharded_fn, _sharded_out, _to_auto
+from jquant._model.sharding import _sharded_fn, _sharded_out, _to_auto, quantize_sharded
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -137,7 +137,7 @@ def test_nan_in_sharded_leaf_names_path(mesh):
     x[9, 200] = np.inf
     with pytest.raises(jquant.NonFiniteError, match=r"'layer/w'.*block 78"):
         jquant.quantize_model({"layer": {"w": put(x, mesh, P("data", "model"))}}, "q4_0")
-    q, _ = _quantize_sharded(
+    q, _ = quantize_sharded(
         put(x, mesh, P("data", "model")), jquant.QuantType.Q4_0, "w", check=False, stats=False
     )
     assert q.shape == (16, 256)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import CalibrationError
-from .._formats.legacy import _exact_div
+from .._formats.guards import exact_div
 
 __all__ = ["affine_range", "dequantize_affine", "quantize_affine"]
 
@@ -85,7 +85,7 @@ def quantize_affine(
     x = x.astype(jnp.float32)
     scale = jnp.asarray(scale, jnp.float32)
     zp = jnp.asarray(zero_point).astype(jnp.float32)
-    q = jnp.round(_exact_div(x, scale)) + zp
+    q = jnp.round(exact_div(x, scale)) + zp
     q = jnp.where(jnp.isnan(q), zp, q)
     return jnp.clip(q, qmin, qmax).astype(jnp.int8 if signed else jnp.uint8)
 

@@ -70,7 +70,7 @@ import numpy as np
 
 from .._core.quantize import check_dtype
 from .._errors import CalibrationError
-from .._formats.legacy import _exact_div
+from .._formats.guards import exact_div
 from .._formats.quant_type import QuantTypeLike
 from . import histogram as H
 from .methods import CalibrationMethod, _is_int, as_method, bits_for
@@ -176,7 +176,7 @@ class CalibrationData:
             True
         """
         qmax = float((1 << (bits_for(qtype, bits) - 1)) - 1)
-        scale = _exact_div(self.amax, qmax)
+        scale = exact_div(self.amax, qmax)
         return jnp.where(scale < _EPS, jnp.float32(1.0), scale)
 
     def asymmetric_scale(
@@ -199,10 +199,10 @@ class CalibrationData:
         qmax = float((1 << nbits) - 1)
         lo = jnp.minimum(self.lo, 0.0)
         hi = jnp.maximum(self.hi, 0.0)
-        scale = _exact_div(hi - lo, qmax)
+        scale = exact_div(hi - lo, qmax)
         tiny = scale < _EPS
         scale = jnp.where(tiny, jnp.float32(1.0), scale)
-        zp = jnp.clip(jnp.round(_exact_div(-lo, scale)), 0.0, qmax)
+        zp = jnp.clip(jnp.round(exact_div(-lo, scale)), 0.0, qmax)
         zp = jnp.where(tiny, 0, zp.astype(jnp.int32))
         return scale, zp - (1 << (nbits - 1)) if signed else zp
 

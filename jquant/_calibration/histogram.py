@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._formats.legacy import _exact_div
+from .._formats.guards import exact_div
 
 __all__ = [
     "START_BIN",
@@ -97,7 +97,7 @@ def percentile_index(hist: jax.Array, frac: float) -> jax.Array:
         wide = _wide()
         cum = jnp.cumsum(hist.astype(wide), axis=-1)
         total = cum[:, -1:]
-        cdf = _exact_div(cum, jnp.where(total > 0, total, 1.0))  # not cum * (1 / total)
+        cdf = exact_div(cum, jnp.where(total > 0, total, 1.0))  # not cum * (1 / total)
         hit = cdf >= jnp.asarray(frac, wide)
         pos = jnp.arange(hist.shape[-1], dtype=_I32)
         return jnp.min(jnp.where(hit, pos, hist.shape[-1] - 1), axis=-1)
@@ -163,9 +163,9 @@ def _mse_one(hist: jax.Array, nvalid: jax.Array, width: jax.Array, bits: int) ->
     c_wide = centres.astype(wide)
 
     def err(amax):
-        scale = _exact_div(jnp.full((), qmax, _F32), amax)
+        scale = exact_div(jnp.full((), qmax, _F32), amax)
         q = jnp.clip(jnp.round(centres * scale), qmin, qmax)
-        deq = _exact_div(q, scale).astype(wide)
+        deq = exact_div(q, scale).astype(wide)
         # NVIDIA's mean over its bins (``nvalid``; padding bins past it are empty)
         return jnp.sum((deq - c_wide) ** 2 * counts) / nvalid.astype(wide)
 
@@ -188,7 +188,7 @@ def batch_stats(rows, width, *, n: int, num_bins: int):
     a = jnp.where(finite, jnp.abs(rows), 0.0)
     absmax = jnp.max(a, axis=-1)
     if width is None:
-        width = _exact_div(absmax, float(num_bins))
+        width = exact_div(absmax, float(num_bins))
     count = jnp.sum(finite, axis=-1, dtype=jnp.int32)
     with jax.enable_x64(True):
         wide = _wide()

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from .._errors import CalibrationError
-from .._formats.quant_type import QuantType, QuantTypeLike
+from .._formats.quant_type import QuantTypeLike
+from .._formats.registry import DEFAULT_FORMAT, format_spec, formats
 
 __all__ = ["CalibrationMethod", "as_method", "bits_for"]
 
@@ -106,12 +107,14 @@ def bits_for(qtype: QuantTypeLike | None, bits: int | None) -> int:
             raise CalibrationError(f"bits must be an int in [2, 16], got {bits!r}")
         return int(bits)
     if qtype is None:
-        raise CalibrationError("pass a quantized format (e.g. 'q8_0') or bits=")
-    qt = QuantType.parse(qtype)
-    table = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5}
-    if qt.name not in table:
         raise CalibrationError(
-            f"{qt.name} is a floating-point format with no integer grid, so it has no "
-            "calibration scale; use Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or pass bits= explicitly"
+            f"pass a quantized format (e.g. {DEFAULT_FORMAT.name.lower()!r}) or bits="
         )
-    return table[qt.name]
+    spec = format_spec(qtype)
+    if spec.bits is None:
+        usable = ", ".join(s.name for s in formats() if s.bits is not None)
+        raise CalibrationError(
+            f"{spec.name} is a floating-point format with no integer grid, so it has no "
+            f"calibration scale; use {usable} or pass bits= explicitly"
+        )
+    return spec.bits

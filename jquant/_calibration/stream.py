@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import CalibrationError
-from .._formats.legacy import _exact_div
+from .._formats.guards import exact_div
 from . import calibration as C
 from . import histogram as H
 
@@ -63,7 +63,7 @@ def batch_on_width(rows, bin_width, *, num_bins: int, traced: bool):
     absmax = np.asarray(_absmax(rows))
     zero = width == 0
     if zero.any():  # no width yet: take this batch's max|x| / num_bins
-        fresh = np.asarray(_exact_div(jnp.asarray(absmax), float(num_bins)))
+        fresh = np.asarray(exact_div(jnp.asarray(absmax), float(num_bins)))
         width = np.where(zero, fresh, width).astype(np.float32)
     need = bins_needed(absmax, width)
     n = capacity(int(need.max()), num_bins)

@@ -23,22 +23,33 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .. import __version__
 from .._core.tensor import human_bytes
-from .._model.report import _num
+from .._errors import FileFormatError, FileWriteError, QuantError
+from .._formats.quant_type import QuantType
+from .._formats.registry import DEFAULT_FORMAT, SMALL_FORMAT, formats
+from .._io.gguf import K_TENSORS, gguf_name, inspect_gguf
+from .._io.safetensors import convert_sources, read_sources
+from .._model.model import quantize_model
+from .._model.report import format_number
+from .example import example_params
 
 __all__ = ["main"]
+
+_FORMAT_NAMES = [s.name for s in formats() if s.bits_per_weight < 32]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NO_INPUT, EXIT_BAD_INPUT = 0, 1, 2, 3, 4
 EXIT_QUANT, EXIT_WRITE, EXIT_INTERRUPTED = 5, 6, 130
 
-_EPILOG = """\
+_DEFAULT, _SMALL = DEFAULT_FORMAT.name.lower(), SMALL_FORMAT.name.lower()
+_EPILOG = f"""\
 examples:
   jquant                                   quantize the built-in example model into every format
-  jquant quantize model.safetensors -t q4_0 -o model-q4_0.gguf
-  jquant quantize model.safetensors -t q4_0 --rule 'embed|lm_head=q8_0' --rule 'norm=keep' -o out.gguf
-  jquant quantize params.npz -t q8_0 -o params.gguf --json
-  jquant inspect model-q4_0.gguf
-  jquant compare model.safetensors model-q4_0.gguf
+  jquant quantize model.safetensors -t {_SMALL} -o model-{_SMALL}.gguf
+  jquant quantize model.safetensors -t {_SMALL} --rule 'embed|lm_head={_DEFAULT}' --rule 'norm=keep' -o out.gguf
+  jquant quantize params.npz -t {_DEFAULT} -o params.gguf --json
+  jquant inspect model-{_SMALL}.gguf
+  jquant compare model.safetensors model-{_SMALL}.gguf
 
 exit codes:
   0 ok, 1 internal error (JQUANT_DEBUG=1 shows the traceback), 2 bad command line,
@@ -49,11 +60,9 @@ exit codes:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     p = argparse.ArgumentParser(
         prog="jquant",
-        description="Byte-exact GGML quantization (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16) "
+        description=f"Byte-exact GGML quantization ({', '.join(_FORMAT_NAMES)}) "
         "of JAX checkpoints, with GGUF export. Run without arguments for a demo.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -76,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         "-t",
         "--type",
         default=None,
-        help="format for every tensor the rules don't decide: q8_0, q4_0, q4_1, q5_0, q5_1, "
-        "f16, bf16, f32 (default q8_0)",
+        help="format for every tensor the rules don't decide: "
+        f"{', '.join(s.name.lower() for s in formats())} (default {_DEFAULT})",
     )
     q.add_argument(
         "--rule",
@@ -145,10 +154,6 @@ def _finite(v: float | None) -> float | str | None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
-
-    from .._formats.quant_type import QuantType
-    from .._model.model import quantize_model
-    from .example import example_params
 
     params = example_params()
     leaves = jax.tree.leaves(params)
@@ -222,15 +227,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _rules(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    from .._errors import QuantError
 
     rules: list[tuple[str, Any]] = []
     for r in args.rule:
         pattern, sep, fmt = r.rpartition("=")
         if not sep or not pattern or not fmt:
-            raise QuantError(f"--rule {r!r} is not REGEX=FORMAT (e.g. --rule 'embed=q8_0')")
+            raise QuantError(f"--rule {r!r} is not REGEX=FORMAT (e.g. --rule 'embed={_DEFAULT}')")
         rules.append((pattern, fmt))
-    rules.append((".*", args.type or "q8_0"))
+    rules.append((".*", args.type or _DEFAULT))
     return rules
 
 
@@ -264,7 +268,6 @@ def _progress(quiet: bool, verb: str = "quantizing"):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .._io.safetensors import convert_sources, read_sources
 
     rules = _rules(args)
     sources, meta = read_sources(args.input)
@@ -344,14 +347,11 @@ def _short(v: Any, width: int = 60) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .._errors import FileFormatError
-    from .._io.safetensors import read_sources
 
     path = args.file
     if path.lower().endswith(".gguf"):
         if not os.path.exists(path):
             raise FileNotFoundError(2, "No such file or directory", path)
-        from .._io.gguf import K_TENSORS, inspect_gguf
 
         info = inspect_gguf(path)
         entries = None
@@ -453,16 +453,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .._errors import FileFormatError
-    from .._io.gguf import gguf_name
-    from .._io.safetensors import read_sources
-
     orig, _ = read_sources(args.original)
     quant, _ = read_sources(args.quantized)
     qfmt: dict[str, str] = {}
     if args.quantized.lower().endswith(".gguf"):
-        from .._io.gguf import inspect_gguf
-
         info = inspect_gguf(args.quantized)
         names = [s.name for s in quant]
         qfmt = {n: t.type_name for n, t in zip(names, info.tensors, strict=True)}
@@ -546,9 +540,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             r["format"],
             "x".join(map(str, r["shape"])) or "()",
             f"{r['bits_per_weight']:.2f}",
-            _num(r.get("rmse")),
-            _num(r.get("max_error")),
-            _num(r.get("sqnr_db"), ".1f"),
+            format_number(r.get("rmse")),
+            format_number(r.get("max_error")),
+            format_number(r.get("sqnr_db"), ".1f"),
             r.get("note", ""),
         )
     console = _console()
@@ -580,7 +574,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv or ["demo"])
     except SystemExit as e:  # --help, --version, or a usage error (argparse printed it)
         return int(e.code or 0)
-    from .._errors import FileFormatError, FileWriteError, QuantError
 
     commands = {
         "demo": cmd_demo,

@@ -24,8 +24,7 @@ import numpy as np
 from jax import lax
 
 from .._errors import ShapeError, UnsupportedDTypeError
-from .._formats.legacy import BLOCK
-from .._formats.quant_type import QuantType
+from .blocks import num_blocks
 from .quantize import dequantize_tensor
 from .tensor import QuantizedTensor
 
@@ -66,46 +65,6 @@ def _chunk_rows(row_floats: int, k: int, chunk_rows: int | None) -> int:
     if chunk_rows is None:
         chunk_rows = _CHUNK_BYTES // max(4 * row_floats, 1)
     return int(min(max(int(chunk_rows), 1), max(k, 1)))
-
-
-def _high_bits(qh: jax.Array, first: int) -> jax.Array:
-    """Bits ``first .. first+15`` of each uint32 ``qh``, as bit 4 of a uint8."""
-    shifts = jnp.arange(first, first + BLOCK // 2, dtype=jnp.uint32)
-    shifts = shifts.reshape((1,) * qh.ndim + shifts.shape)
-    return (((qh[..., None] >> shifts) & 1) << 4).astype(jnp.uint8)
-
-
-def _dequantize_parts(leaves: dict[str, jax.Array], qtype: QuantType) -> list[jax.Array]:
-    """Dequantized values of some rows, float32, as parts that interleave into blocks.
-
-    Same arithmetic as ``dequantize_blocks`` (so the same bits), but a nibble format comes
-    back as two halves, elements 0-15 (low nibbles) and 16-31 (high nibbles) of every
-    block, each ``[..., nb, 16]``: concatenating them per block, which
-    ``dequantize_blocks`` does, costs more on CPU than the matmul itself, while the two
-    halves can be multiplied separately and interleaved once, on the small result.
-    Q8_0 and the float formats give one part.
-    """
-    qs = leaves["qs"]
-    if not qtype.is_block_quantized:
-        return [qs.astype(jnp.float32)]
-    d = leaves["d"].astype(jnp.float32)[..., None]
-    if qtype is QuantType.Q8_0:
-        return [qs.astype(jnp.float32) * d]
-    halves = [qs & 0x0F, qs >> 4]
-    if "qh" in leaves:
-        halves = [
-            h | _high_bits(leaves["qh"], first) for h, first in zip(halves, (0, 16), strict=True)
-        ]
-    parts = []
-    for q in halves:
-        q = q.astype(jnp.float32)
-        if qtype is QuantType.Q4_0:
-            parts.append((q - 8.0) * d)
-        elif qtype is QuantType.Q5_0:
-            parts.append((q - 16.0) * d)
-        else:  # Q4_1, Q5_1
-            parts.append(q * d + leaves["m"].astype(jnp.float32)[..., None])
-    return parts
 
 
 def dot(
@@ -184,24 +143,29 @@ def dot(
         y = _contract(x2, wf, precision)
         return y.reshape(*batch, *w_shape[1:]).astype(out_dtype)
 
-    qtype = w.qtype
+    spec = w.spec
     leaves = w.leaves()
-    # Width of one dequantized row: the padded blocks for Qx formats, the values for floats.
+    # Width of one dequantized row: the padded blocks (the values, for float formats).
     out_lead, n = w_shape[1:-1], w_shape[-1]
-    expect_qs = (k, *out_lead, *(w.qs.shape[-2:] if qtype.is_block_quantized else (n,)))
-    if tuple(w.qs.shape) != expect_qs:
+    nb = num_blocks(n, spec.block_size)
+    first = spec.fields[0]
+    expect = (k, *out_lead, nb, *first.shape)
+    got = tuple(leaves[first.name].shape)
+    if got != expect:
         raise ShapeError(
             f"jquant.dot got a QuantizedTensor of shape {w_shape} whose packed data has shape "
-            f"{tuple(w.qs.shape)} (expected {expect_qs}); batched (vmapped) quantized weights "
+            f"{got} (expected {expect}); batched (vmapped) quantized weights "
             f"are not supported: call jquant.dot inside jax.vmap instead."
         )
-    padded = w.qs.shape[-2] * qtype.block_size if qtype.is_block_quantized else n
+    padded = nb * spec.block_size
     row_floats = math.prod(out_lead) * padded
     rows = _chunk_rows(row_floats, k, chunk_rows)
-    n_parts = 2 if qtype.is_block_quantized and qtype is not QuantType.Q8_0 else 1
+    # the format's parts (e.g. the two nibble halves): multiplied separately, interleaved once
+    one_row = {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in leaves.items()}
+    n_parts = len(jax.eval_shape(spec.parts, one_row))
 
     def accumulate(acc, leaf_rows, x_cols):
-        parts = _dequantize_parts(leaf_rows, qtype)
+        parts = spec.parts(leaf_rows)
         return tuple(
             a + _contract(x_cols, p.reshape(p.shape[0], -1), precision)
             for a, p in zip(acc, parts, strict=True)
@@ -227,9 +191,9 @@ def dot(
     m = x2.shape[0]
     if n_parts == 1:
         y = acc[0]
-    else:  # interleave the halves back into blocks: [m, ..., nb, 2, 16]
-        nb = w.qs.shape[-2]
-        y = jnp.stack([a.reshape(m, -1, nb, BLOCK // 2) for a in acc], axis=-2)
+    else:  # interleave the parts back into blocks: [m, ..., nb, n_parts, block / n_parts]
+        width = spec.block_size // n_parts
+        y = jnp.stack([a.reshape(m, -1, nb, width) for a in acc], axis=-2)
     y = y.reshape(*batch, *out_lead, padded)[..., :n]
     return y.astype(out_dtype)
 

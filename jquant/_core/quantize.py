@@ -10,14 +10,27 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from .._errors import NonFiniteError, ScaleOverflowError, UnsupportedDTypeError
-from .._formats.legacy import BLOCK, dequantize_blocks, quantize_blocks
+from .._errors import (
+    NonFiniteError,
+    QuantError,
+    ScaleOverflowError,
+    ShapeError,
+    UnsupportedDTypeError,
+)
 from .._formats.quant_type import QuantType, QuantTypeLike
-from .tensor import QuantizedTensor, num_blocks_for
+from .._formats.registry import FLOAT_DTYPES, FormatSpec
+from .blocks import bad_blocks, check_fields, num_blocks, pad_rows
+from .tensor import QuantizedTensor
 
-__all__ = ["dequantize_tensor", "quantize_tensor", "check_dtype"]
-
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+__all__ = [
+    "as_blocks",
+    "as_rows",
+    "check_dtype",
+    "check_imatrix",
+    "dequantize_leaves",
+    "dequantize_tensor",
+    "quantize_tensor",
+]
 
 # Problem codes returned by the fused check.
 _OK, _NONFINITE, _OVERFLOW = 0, 1, 2
@@ -27,64 +40,46 @@ def check_dtype(x: Any, name: str | None = None) -> np.dtype:
     """Return ``x``'s dtype if jquant can quantize it, else raise UnsupportedDTypeError."""
     dtype = getattr(x, "dtype", None)
     dtype = np.dtype(dtype if dtype is not None else np.asarray(x).dtype)  # lists, scalars
-    if dtype.name not in _FLOAT_DTYPES:
+    if dtype.name not in FLOAT_DTYPES:
         what = f"tensor {name!r}" if name else "input"
         raise UnsupportedDTypeError(
             f"{what} has dtype {dtype.name}; jquant quantizes floating-point arrays "
-            f"({', '.join(_FLOAT_DTYPES)}). Leave integer, bool and complex arrays "
+            f"({', '.join(FLOAT_DTYPES)}). Leave integer, bool and complex arrays "
             f"unquantized, or cast them with .astype(jnp.float32) if they are weights."
         )
     return dtype
 
 
-def _to_blocks(x: jax.Array, qtype: QuantType) -> jax.Array:
-    """float32 ``[*lead, nb, 32]`` (or ``x`` itself for float formats)."""
+def as_rows(x: jax.Array, spec: FormatSpec) -> jax.Array:
+    """float32 rows ``[*lead, nb * block]`` of ``x`` (a scalar is a row of one value)."""
     x = x.astype(jnp.float32)
     if x.ndim == 0:
         x = x.reshape(1)
-    if not qtype.is_block_quantized:
-        return x
-    n = x.shape[-1]
-    nb = num_blocks_for(n, qtype)
-    if n % BLOCK:
-        if x.size == 0:
-            x = jnp.zeros((*x.shape[:-1], nb * BLOCK), jnp.float32)
-        else:
-            # Repeat the row's last value: the padded block keeps its max, min and scale.
-            pad = [(0, 0)] * (x.ndim - 1) + [(0, nb * BLOCK - n)]
-            x = jnp.pad(x, pad, mode="edge")
-    return x.reshape(*x.shape[:-1], nb, BLOCK)
+    return pad_rows(x, spec.block_size)
 
 
-def _diagnose(blocks: jax.Array, leaves: dict[str, jax.Array], qtype: QuantType):
+def as_blocks(rows: jax.Array, spec: FormatSpec) -> jax.Array:
+    """Padded rows ``[*lead, nb * block]`` as blocks ``[*lead, nb, block]``."""
+    return rows.reshape(*rows.shape[:-1], rows.shape[-1] // spec.block_size, spec.block_size)
+
+
+def _diagnose(blocks: jax.Array, fields: dict[str, jax.Array], spec: FormatSpec):
     """(code, flat element index, offending value) of the first bad block, code 0 if none.
 
-    Cheap in the common case: it reads only the scales (block formats) or the stored
-    values (F16/BF16). A NaN or Inf anywhere in a block makes ggml's scale NaN or Inf
-    (max and min propagate them), exactly like a scale that overflows float16, so a
-    non-finite scale flags both; which one it was is worked out on the bad block alone.
-    F32 stores anything faithfully, and F16/BF16 keep NaN/Inf inputs as they are: only a
-    finite value that overflows the format counts there.
+    Cheap in the common case: :func:`bad_blocks` reads only the scales (block formats)
+    or the stored values (F16/BF16); which problem it was is worked out on the bad
+    block alone, so the argmax (a slow variadic reduce on CPU) runs only when something
+    is wrong.
     """
     z = jnp.zeros((), jnp.int32)
     none = (z, z, jnp.zeros((), jnp.float32))
-    if qtype is QuantType.F32 or blocks.size == 0:
+    if not spec.scales or blocks.size == 0:
         return none
-    block = qtype.is_block_quantized
-    flat = blocks.reshape(-1, blocks.shape[-1] if block else 1)
-    if block:
-        suspect = ~jnp.isfinite(leaves["d"].reshape(-1))
-        if "m" in leaves:
-            suspect |= ~jnp.isfinite(leaves["m"].reshape(-1))
-    else:  # exponent bits all ones (Inf/NaN), read as integers: much faster than f16 math
-        bits = jax.lax.bitcast_convert_type(leaves["qs"].reshape(-1), jnp.uint16)
-        suspect = (bits & 0x7FFF) >= (0x7C00 if qtype is QuantType.F16 else 0x7F80)
+    block = spec.is_block_quantized
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    bad = bad_blocks(blocks, fields, spec, read_input=False).reshape(-1)
 
     def locate(_):
-        if block:
-            bad = suspect
-        else:  # an overflow is a finite input stored as Inf
-            bad = suspect & jnp.isfinite(flat[:, 0])
         idx = jnp.argmax(bad).astype(jnp.int32)
         row = flat[idx]
         nonfinite = block & ~jnp.isfinite(row).all()
@@ -96,18 +91,22 @@ def _diagnose(blocks: jax.Array, leaves: dict[str, jax.Array], qtype: QuantType)
         pos = jnp.where(code == _NONFINITE, nf_pos, big_pos).astype(jnp.int32)
         return code.astype(jnp.int32), idx * flat.shape[-1] + pos, val
 
-    # The argmax (a slow variadic reduce on CPU) runs only when something looks wrong.
-    return jax.lax.cond(suspect.any(), locate, lambda _: none, None)
+    return jax.lax.cond(bad.any(), locate, lambda _: none, None)
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "diagnose"))
-def _quantize_jit(x, lo, hi, *, qtype: QuantType, diagnose: bool):
+def _quantize_jit(x, lo, hi, qw=None, *, qtype: QuantType, diagnose: bool):
+    spec = qtype.spec
     if lo is not None:
         x = jnp.clip(x.astype(jnp.float32), lo, hi)
-    blocks = _to_blocks(x, qtype)
-    leaves = quantize_blocks(blocks, qtype)
-    diag = _diagnose(blocks, leaves, qtype) if diagnose else None
-    return leaves, diag
+    rows = as_rows(x, spec)
+    if qw is not None:
+        qw = pad_rows(qw.astype(jnp.float32), spec.block_size)
+    fields = spec.encode(rows, qw)
+    blocks = as_blocks(rows, spec)
+    check_fields(fields, spec, blocks.shape[:-1])
+    diag = _diagnose(blocks, fields, spec) if diagnose else None
+    return fields, diag
 
 
 def _clip_bounds(clip: Any):
@@ -121,15 +120,16 @@ def _clip_bounds(clip: Any):
 
 
 def _raise_problem(code: int, element: int, value: float, x_shape, qtype: QuantType, name):
+    spec = qtype.spec
     what = f"tensor {name!r}" if name else "the input"
     n = x_shape[-1] if x_shape else 1
-    n_padded = num_blocks_for(n, qtype) * qtype.block_size if qtype.is_block_quantized else n
+    n_padded = num_blocks(n, spec.block_size) * spec.block_size
     row, col = divmod(element, n_padded)
     col = min(col, n - 1)
     lead = tuple(int(i) for i in np.unravel_index(row, x_shape[:-1])) if len(x_shape) > 1 else ()
     index = (*lead, col) if x_shape else ()
-    block = element // qtype.block_size if qtype.is_block_quantized else element
-    where = f"block {block} (element {index})" if qtype.is_block_quantized else f"element {index}"
+    block = element // spec.block_size
+    where = f"block {block} (element {index})" if spec.is_block_quantized else f"element {index}"
     fix = (
         "Keep this tensor in F32/BF16 (e.g. a rule mapping it to 'f32'), or clip it first "
         "(quantize_tensor(..., clip=(lo, hi)))."
@@ -137,24 +137,45 @@ def _raise_problem(code: int, element: int, value: float, x_shape, qtype: QuantT
     if code == _NONFINITE:
         raise NonFiniteError(
             f"{what} holds a non-finite value ({value}) at {where}; a NaN/Inf would make every "
-            f"weight of its {qtype.name} block NaN. Replace or mask non-finite values before "
+            f"weight of its {spec.name} block NaN. Replace or mask non-finite values before "
             f"quantizing (jnp.nan_to_num), or keep this tensor in F32."
         )
-    limit = 65504.0
-    if qtype.is_block_quantized:
-        divisor = {QuantType.Q8_0: 127, QuantType.Q4_0: 8, QuantType.Q5_0: 16}.get(qtype)
-        bound = (
-            f"|x| <= {limit * divisor:.6g}"
-            if divisor
-            else f"max - min <= {limit * (15 if qtype is QuantType.Q4_1 else 31):.6g} and |min| <= {limit:.6g}"
-        )
+    if spec.is_block_quantized:
+        scale = spec.field(spec.scales[0]).dtype.name
         raise ScaleOverflowError(
-            f"{what}: the {qtype.name} scale of {where} overflows float16 (largest value {value:.6g}; "
-            f"{qtype.name} needs {bound}). {fix}"
+            f"{what}: the {spec.name} scale of {where} overflows {scale} (largest value "
+            f"{value:.6g}; {spec.name} needs {spec.overflow}). {fix}"
         )
     raise ScaleOverflowError(
-        f"{what}: value {value:.6g} at {where} overflows {qtype.name} (max {limit:g}). {fix}"
+        f"{what}: value {value:.6g} at {where} overflows {spec.name} ({spec.overflow}). {fix}"
     )
+
+
+def check_imatrix(imatrix: Any, x_shape: tuple[int, ...], name: str | None) -> jax.Array:
+    """``imatrix`` as float32 ``[n]``: one non-negative, finite weight per column of ``x``.
+
+    Raises:
+        ShapeError: not one weight per column of the last axis.
+        QuantError: negative or non-finite weights (checked when concrete).
+    """
+    what = f"tensor {name!r}" if name else "the input"
+    n = x_shape[-1] if x_shape else 1
+    w = jnp.asarray(imatrix)
+    if w.shape != (n,):
+        raise ShapeError(
+            f"the importance weights (imatrix) of {what} have shape {tuple(w.shape)}; they "
+            f"need one weight per column of the last axis: shape ({n},)"
+        )
+    w = w.astype(jnp.float32)
+    if not isinstance(w, jax.core.Tracer):
+        host = np.asarray(w)
+        if not np.isfinite(host).all() or (host < 0).any():
+            bad = int(np.argmax(~np.isfinite(host) | (host < 0)))
+            raise QuantError(
+                f"the importance weights (imatrix) of {what} must be finite and non-negative; "
+                f"column {bad} holds {host[bad]}"
+            )
+    return w
 
 
 def quantize_tensor(
@@ -164,6 +185,7 @@ def quantize_tensor(
     clip: Any = None,
     check: bool | None = None,
     name: str | None = None,
+    imatrix: jax.typing.ArrayLike | None = None,
 ) -> QuantizedTensor:
     """Quantize an array into a GGML format, byte-exact with ggml's reference quantizer.
 
@@ -182,6 +204,8 @@ def quantize_tensor(
           ``checkify.checkify``); ``False`` never checks (non-finite blocks then
           dequantize to NaN, as in ggml).
         name: the tensor's name (e.g. its pytree path) used in error messages.
+        imatrix: optional importance weights, one non-negative float per column of the
+          last axis (llama.cpp's imatrix), for the formats with a weighted encoder.
 
     Returns:
         A :class:`QuantizedTensor` remembering ``x``'s shape and dtype.
@@ -190,6 +214,9 @@ def quantize_tensor(
         UnsupportedDTypeError: integer, bool or complex input.
         NonFiniteError: NaN or Inf in ``x`` (when checked).
         ScaleOverflowError: a block whose scale overflows float16 (when checked).
+        ShapeError: ``imatrix`` is not one weight per column.
+        QuantError: ``imatrix`` has negative or non-finite weights, or the format has no
+          weighted encoder.
 
     Example:
         >>> import jax, jax.numpy as jnp, jquant
@@ -210,13 +237,17 @@ def quantize_tensor(
     x = jnp.asarray(x)
     dtype = np.dtype(x.dtype)  # float64 becomes float32 unless jax_enable_x64 is on
     lo, hi = _clip_bounds(clip)
+    qw = None
+    if imatrix is not None:
+        qw = check_imatrix(imatrix, tuple(x.shape), name)
+        qtype.spec.require_imatrix()
     traced = isinstance(x, jax.core.Tracer) or any(
         isinstance(b, jax.core.Tracer) for b in (lo, hi) if b is not None
     )
     if check is None:
         check = not traced
     diagnose = bool(check)
-    leaves, diag = _quantize_jit(x, lo, hi, qtype=qtype, diagnose=diagnose)
+    fields, diag = _quantize_jit(x, lo, hi, qw, qtype=qtype, diagnose=diagnose)
     if diagnose:
         code, element, value = diag
         if traced:
@@ -229,7 +260,7 @@ def quantize_tensor(
             )
         elif int(code) != _OK:
             _raise_problem(int(code), int(element), float(value), tuple(x.shape), qtype, name)
-    return QuantizedTensor(**leaves, shape=tuple(x.shape), dtype=dtype, qtype=qtype)
+    return QuantizedTensor(fields, shape=tuple(x.shape), dtype=dtype, qtype=qtype)
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "shape", "dtype"))
@@ -239,10 +270,9 @@ def _dequantize_jit(leaves, *, qtype: QuantType, shape, dtype):
 
 def dequantize_leaves(leaves, qtype: QuantType, shape, dtype) -> jax.Array:
     """The packed leaves of a QuantizedTensor -> its logical array (traceable, unjitted)."""
-    vals = dequantize_blocks(leaves, qtype)
+    vals = qtype.spec.decode(leaves)
     n = shape[-1] if shape else 1
-    if qtype.is_block_quantized:
-        vals = vals.reshape(*vals.shape[:-2], vals.shape[-2] * vals.shape[-1])[..., :n]
+    vals = vals.reshape(*vals.shape[:-2], vals.shape[-2] * vals.shape[-1])[..., :n]
     # leading axes beyond the logical shape come from vmap-style batching
     extra = vals.shape[: vals.ndim - max(len(shape), 1)]
     return vals.reshape(*extra, *shape).astype(dtype)

@@ -11,6 +11,7 @@ import numpy as np
 
 from .._errors import ShapeError
 from .._formats.quant_type import QuantType, QuantTypeLike
+from .blocks import error_sums
 
 __all__ = ["QuantizationStats", "compute_quantization_stats"]
 
@@ -50,16 +51,7 @@ class QuantizationStats:
         return dataclasses.asdict(self)
 
 
-@jax.jit
-def _error_sums(x: jax.Array, y: jax.Array):
-    x = x.astype(jnp.float32)
-    err = x - y.astype(jnp.float32)
-    return (
-        jnp.sum(err * err),
-        jnp.max(jnp.abs(err), initial=0.0),
-        jnp.sum(jnp.abs(err)),
-        jnp.sum(x * x),
-    )
+_error_sums = jax.jit(error_sums)
 
 
 def compute_quantization_stats(

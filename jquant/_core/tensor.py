@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from .._errors import FileFormatError
+from .._errors import FileFormatError, ShapeError
 from .._formats.quant_type import QuantType, QuantTypeLike
+from .blocks import num_blocks
 
 __all__ = ["QuantizedTensor", "human_bytes", "num_blocks_for"]
 
 
 def num_blocks_for(n: int, qtype: QuantType) -> int:
     """Blocks that a row of ``n`` values needs in ``qtype`` (0 for an empty row)."""
-    return -(-n // qtype.block_size)
+    return num_blocks(n, qtype.block_size)
 
 
 def _row_len(shape: tuple[int, ...]) -> int:
@@ -28,8 +29,6 @@ def _lead(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[:-1] if shape else ()
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class QuantizedTensor:
     """A tensor stored in a GGML format, as a pytree.
 
@@ -37,8 +36,11 @@ class QuantizedTensor:
     ``jax.jit``, ``jax.vmap``, ``jax.device_put`` (with shardings) and checkpointing; the
     logical ``shape``, the original ``dtype`` and the format ``qtype`` are static.
 
-    Blocks of 32 run along the last axis. For a tensor of shape ``(*lead, n)`` with
-    ``nb = ceil(n / 32)`` blocks per row the leaves are:
+    Blocks run along the last axis. The leaves are the fields of the format's record
+    (``jquant._formats.registry``), each shaped
+    ``(*lead, nb, *per_block_shape)`` for a tensor of shape ``(*lead, n)`` with
+    ``nb = ceil(n / block_size)`` blocks per row; ``q.fields`` (or :meth:`leaves`) gives
+    them by name and ``q.<name>`` one of them. For the built-in formats:
 
     ========  ======================  =========  =================================
     leaf      shape                   dtype      formats
@@ -49,7 +51,7 @@ class QuantizedTensor:
     ``d``     ``(*lead, nb)``         float16    every Qx format: the block scale
     ``m``     ``(*lead, nb)``         float16    Q4_1, Q5_1: ``x ≈ q * d + m``
     ``qh``    ``(*lead, nb)``         uint32     Q5_0, Q5_1: bit j = bit 4 of element j
-    ``qs``    ``shape``               f16/bf16/  F16, BF16, F32: the values themselves
+    ``qs``    ``(*lead, n)``           f16/bf16/  F16, BF16, F32: the values themselves
                                       f32
     ========  ======================  =========  =================================
 
@@ -67,13 +69,59 @@ class QuantizedTensor:
         (36,)
     """
 
-    qs: jax.Array
-    d: jax.Array | None = None
-    m: jax.Array | None = None
-    qh: jax.Array | None = None
-    shape: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
-    dtype: np.dtype = dataclasses.field(default=np.dtype(np.float32), metadata={"static": True})
-    qtype: QuantType = dataclasses.field(default=QuantType.F32, metadata={"static": True})
+    __slots__ = ("_fields", "shape", "dtype", "qtype")
+
+    def __init__(
+        self,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        shape: tuple[int, ...] = (),
+        dtype: Any = np.float32,
+        qtype: QuantTypeLike = QuantType.F32,
+        **named: Any,
+    ):
+        qtype = QuantType.parse(qtype)
+        given = {**(fields or {}), **named}
+        order = qtype.spec.leaf_names
+        if set(given) != set(order):
+            raise ShapeError(
+                f"a {qtype.name} QuantizedTensor holds the fields {list(order)}, got {sorted(given)}"
+            )
+        set_ = object.__setattr__
+        set_(self, "_fields", {k: given[k] for k in order})
+        set_(self, "shape", tuple(int(s) for s in shape))
+        set_(self, "dtype", np.dtype(dtype))
+        set_(self, "qtype", qtype)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"QuantizedTensor is immutable (can't set {name!r})")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_fields":
+            raise AttributeError(name)
+        fields = self._fields
+        if name in fields:
+            return fields[name]
+        if name in _LEGACY_NAMES:  # q.m / q.qh of a format without them
+            return None
+        raise AttributeError(f"{self.qtype.name} QuantizedTensor has no field {name!r}")
+
+    def __getstate__(self):
+        return (self._fields, self.shape, self.dtype, self.qtype)
+
+    def __setstate__(self, state) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            object.__setattr__(self, name, value)
+
+    @property
+    def fields(self) -> dict[str, jax.Array]:
+        """The packed arrays by name (``qs`` first, then the format's byte order)."""
+        return dict(self._fields)
+
+    @property
+    def spec(self) -> Any:
+        """The format's record (``jquant._formats.registry.FormatSpec``)."""
+        return self.qtype.spec
 
     # -- sizes ---------------------------------------------------------------------
 
@@ -111,8 +159,8 @@ class QuantizedTensor:
         return self.original_nbytes / self.nbytes if self.nbytes else 1.0
 
     def leaves(self) -> dict[str, jax.Array]:
-        """The packed arrays by name (``qs`` and whichever of ``d``/``m``/``qh`` exist)."""
-        return {k: v for k in ("qs", "d", "m", "qh") if (v := getattr(self, k)) is not None}
+        """The packed arrays by name (as :attr:`fields`)."""
+        return dict(self._fields)
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.shape)) or "scalar"
@@ -130,22 +178,15 @@ class QuantizedTensor:
         Identical to ``gguf.quants.quantize(x, type)`` (viewed as uint8 for F16/F32) for
         rows whose length is a multiple of the block size. A scalar gives ``(bytes,)``.
         """
+        spec = self.qtype.spec
         lead = _lead(self.shape)
-        if not self.qtype.is_block_quantized:
-            arr = np.asarray(self.qs)
-            if arr.dtype != np.float32 and arr.dtype != np.float16:
-                arr = arr.view(np.uint16)  # bfloat16 -> its bits
-            arr = np.ascontiguousarray(arr).reshape(*lead, self.shape[-1] if self.shape else 1)
-            return arr.view(np.uint8).reshape(*lead, self.qtype.row_bytes(arr.shape[-1]))
-        nb = num_blocks_for(_row_len(self.shape), self.qtype)
-        parts = [_as_bytes(self.d, np.float16)]
-        if self.m is not None:
-            parts.append(_as_bytes(self.m, np.float16))
-        if self.qh is not None:
-            parts.append(_as_bytes(self.qh, np.dtype("<u4")))
-        qs = np.asarray(self.qs)
-        parts.append(qs.view(np.uint8).reshape(*qs.shape[:-2], nb, qs.shape[-1]))
-        return np.concatenate(parts, axis=-1).reshape(*lead, nb * self.qtype.bytes_per_block)
+        nb = num_blocks(_row_len(self.shape), spec.block_size)
+        parts = []
+        for f in spec.fields:
+            a = np.ascontiguousarray(np.asarray(self._fields[f.name]).astype(f.dtype))
+            parts.append(a.view(np.uint8).reshape(*lead, nb, f.nbytes))
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+        return out.reshape(*lead, nb * spec.bytes_per_block)
 
     @classmethod
     def from_bytes(
@@ -193,55 +234,47 @@ class QuantizedTensor:
                 f"{raw.size} bytes can't hold a {qtype.name} tensor of shape {shape}: it needs "
                 f"{expected} bytes ({math.prod(lead)} rows x {nb} blocks x {qtype.bytes_per_block} bytes)"
             )
-        raw = np.ascontiguousarray(raw).reshape(*lead, nb * qtype.bytes_per_block)
-        dtype = np.dtype(dtype)
-        if not qtype.is_block_quantized:
-            store = {QuantType.F16: np.float16, QuantType.F32: np.float32}.get(qtype)
-            if store is None:  # BF16
-                import ml_dtypes
-
-                store = ml_dtypes.bfloat16
-            vals = raw.view(np.dtype(store).newbyteorder("<")).astype(store).reshape(shape or (1,))
-            return cls(
-                qs=jax.numpy.asarray(vals.reshape(shape)), shape=shape, dtype=dtype, qtype=qtype
-            )
-        blocks = raw.reshape(*lead, nb, qtype.bytes_per_block)
+        blocks = np.ascontiguousarray(raw).reshape(*lead, nb, qtype.bytes_per_block)
         o = 0
-        leaves: dict[str, Any] = {}
-        for name, width, dt in _block_fields(qtype):
-            chunk = np.ascontiguousarray(blocks[..., o : o + width])
-            leaves[name] = (
-                chunk.view(dt).astype(dt.newbyteorder("=")) if name != "qs" else chunk.view(dt)
-            )
-            if name != "qs":
-                leaves[name] = leaves[name][..., 0]
-            o += width
-        return cls(
-            **{k: jax.numpy.asarray(v) for k, v in leaves.items()},
-            shape=shape,
-            dtype=dtype,
-            qtype=qtype,
-        )
+        fields: dict[str, Any] = {}
+        for f in qtype.spec.fields:
+            chunk = np.ascontiguousarray(blocks[..., o : o + f.nbytes])
+            vals = chunk.view(f.dtype).reshape(*lead, nb, *f.shape).astype(_native(f.dtype))
+            fields[f.name] = jax.numpy.asarray(vals)
+            o += f.nbytes
+        return cls(fields, shape=shape, dtype=np.dtype(dtype), qtype=qtype)
 
 
-def _block_fields(qtype: QuantType) -> list[tuple[str, int, np.dtype]]:
-    """(leaf, byte width, dtype) in on-disk order for a block format."""
-    f16, u32 = np.dtype("<f2"), np.dtype("<u4")
-    fields = [("d", 2, f16)]
-    if qtype in (QuantType.Q4_1, QuantType.Q5_1):
-        fields.append(("m", 2, f16))
-    if qtype in (QuantType.Q5_0, QuantType.Q5_1):
-        fields.append(("qh", 4, u32))
-    if qtype is QuantType.Q8_0:
-        fields.append(("qs", 32, np.dtype(np.int8)))
-    else:
-        fields.append(("qs", 16, np.dtype(np.uint8)))
-    return fields
+def _flatten_with_keys(q: QuantizedTensor):
+    names = tuple(q._fields)
+    children = [(jax.tree_util.GetAttrKey(k), q._fields[k]) for k in names]
+    return children, (names, q.shape, q.dtype, q.qtype)
 
 
-def _as_bytes(a: Any, dt: np.dtype | type) -> np.ndarray:
-    arr = np.ascontiguousarray(np.asarray(a).astype(np.dtype(dt)))
-    return arr.view(np.uint8).reshape(*arr.shape, arr.dtype.itemsize)
+def _flatten(q: QuantizedTensor):
+    return tuple(q._fields.values()), (tuple(q._fields), q.shape, q.dtype, q.qtype)
+
+
+def _unflatten(aux, children) -> QuantizedTensor:
+    names, shape, dtype, qtype = aux
+    q = object.__new__(QuantizedTensor)
+    set_ = object.__setattr__
+    set_(q, "_fields", dict(zip(names, children, strict=True)))
+    set_(q, "shape", shape)
+    set_(q, "dtype", dtype)
+    set_(q, "qtype", qtype)
+    return q
+
+
+jax.tree_util.register_pytree_with_keys(
+    QuantizedTensor, _flatten_with_keys, _unflatten, flatten_func=_flatten
+)
+
+_LEGACY_NAMES = ("qs", "d", "m", "qh")
+
+
+def _native(dt: np.dtype) -> np.dtype:
+    return dt if dt.isnative else dt.newbyteorder("=")
 
 
 def human_bytes(n: float) -> str:

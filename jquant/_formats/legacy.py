@@ -1,40 +1,58 @@
-"""Per-format block kernels, byte-exact with ggml's reference quantizer.
+"""ggml's legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): byte-exact kernels.
 
-Every kernel takes float32 blocks shaped ``[..., n_blocks, 32]`` and reduces over the
-last axis, so leading axes (and their shardings) pass through untouched.
+Blocks hold 32 values. The encoders take whole rows ``x: f32[..., n]`` (``n`` a multiple
+of 32) and return the packed fields, each ``[..., n // 32, *per_block_shape]``, in the
+byte order of ggml's ``block_q*`` structs (``FIELDS_*``); the decoders take those fields
+and return float32 ``[..., n_blocks, 32]``. Leading axes (and their shardings) pass
+through untouched.
 
 XLA rewrites float arithmetic in ways C compilers don't by default, and each rewrite
-changes a few blocks per million. The guards below keep the arithmetic exactly as
-ggml writes it:
-
-* ``_exact_div`` and ``_safe_recip`` hide the divisor from the compiler (``_opaque``) so
-  that ``x / 127`` is not turned into ``x * (1/127)`` and ``1 / (a / c)`` is not
-  simplified to ``c / a``.
-* ``_no_fma`` passes a product through an integer identity LLVM can't see through, so
-  the multiply and the add that follows are never contracted into one fused
-  multiply-add (an FMA rounds once, ggml rounds twice).
+changes a few blocks per million. The guards of :mod:`jquant._formats.guards` keep the
+arithmetic exactly as ggml writes it: ``exact_div`` and ``safe_recip`` hide the divisor
+from the compiler so that ``x / 127`` is not turned into ``x * (1/127)``, and ``no_fma``
+keeps a multiply and the add that follows from being contracted into one fused
+multiply-add (an FMA rounds once, ggml rounds twice).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from .guards import TINY, exact_div, no_fma, opaque, safe_recip
-from .quant_type import QuantType
+from .guards import exact_div, no_fma, safe_recip
 
-__all__ = ["dequantize_blocks", "quantize_blocks", "BLOCK"]
+__all__ = [
+    "BLOCK",
+    "FIELDS_Q4_0",
+    "FIELDS_Q4_1",
+    "FIELDS_Q5_0",
+    "FIELDS_Q5_1",
+    "FIELDS_Q8_0",
+    "dequantize_halves",
+    "dequantize_q4_0",
+    "dequantize_q4_1",
+    "dequantize_q5_0",
+    "dequantize_q5_1",
+    "dequantize_q8_0",
+    "quantize_q4_0",
+    "quantize_q4_1",
+    "quantize_q5_0",
+    "quantize_q5_1",
+    "quantize_q8_0",
+]
 
 BLOCK = 32
 _HALF = 16
 
-
-_opaque = opaque
-_exact_div = exact_div
-_safe_recip = safe_recip
-_no_fma = no_fma
-_TINY = TINY
+_F16, _U32 = np.dtype("<f2"), np.dtype("<u4")
+_NIBBLES = ("qs", np.dtype(np.uint8), (_HALF,))
+FIELDS_Q8_0 = (("d", _F16, ()), ("qs", np.dtype(np.int8), (BLOCK,)))
+FIELDS_Q4_0 = (("d", _F16, ()), _NIBBLES)
+FIELDS_Q4_1 = (("d", _F16, ()), ("m", _F16, ()), _NIBBLES)
+FIELDS_Q5_0 = (("d", _F16, ()), ("qh", _U32, ()), _NIBBLES)
+FIELDS_Q5_1 = (("d", _F16, ()), ("m", _F16, ()), ("qh", _U32, ()), _NIBBLES)
 
 
 def _first_sign_key(blocks: jax.Array, hit: jax.Array) -> jax.Array:
@@ -96,18 +114,10 @@ def _pack_nibbles(q: jax.Array) -> jax.Array:
     return (lo & 0x0F) | (hi << 4)
 
 
-def _unpack_nibbles(qs: jax.Array) -> jax.Array:
-    return jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
 def _pack_high_bits(q: jax.Array) -> jax.Array:
     """Bit j of the uint32 ``qh`` is bit 4 of element j."""
     bits = (q.astype(jnp.uint32) >> 4) & 1
     return jnp.sum(bits << _bit_positions(bits.ndim), axis=-1, dtype=jnp.uint32)
-
-
-def _unpack_high_bits(qh: jax.Array) -> jax.Array:
-    return ((qh[..., None] >> _bit_positions(qh.ndim + 1)) & 1).astype(jnp.uint8)
 
 
 def _bit_positions(ndim: int) -> jax.Array:
@@ -118,8 +128,8 @@ def _symmetric(blocks: jax.Array, levels: int, qmax: int):
     """Q4_0 (levels=8) and Q5_0 (levels=16): d = max / -levels, q = trunc(x/d + levels + .5)."""
     mx = _first_absmax(blocks)
     d = mx / jnp.float32(-levels)  # division by a power of two: exact either way
-    id_ = _safe_recip(d)
-    p = _no_fma(blocks * id_[..., None])
+    id_ = safe_recip(d)
+    p = no_fma(blocks * id_[..., None])
     v = p + jnp.float32(levels + 0.5)
     # (int8)v truncates toward zero; v >= 0 for every finite block, so floor == trunc.
     q = jnp.minimum(jnp.trunc(v), jnp.float32(qmax)).astype(jnp.int32)
@@ -132,73 +142,110 @@ def _affine(blocks: jax.Array, qmax: int):
     # the sign of a zero min, which gguf's numpy leaves to SIMD lane order.
     mx = _first_extreme(blocks, jnp.max(blocks, axis=-1))
     mn = _first_extreme(blocks, jnp.min(blocks, axis=-1))
-    d = _exact_div(mx - mn, float(qmax))
-    id_ = _safe_recip(d)
-    p = _no_fma((blocks - mn[..., None]) * id_[..., None])
+    d = exact_div(mx - mn, float(qmax))
+    id_ = safe_recip(d)
+    p = no_fma((blocks - mn[..., None]) * id_[..., None])
     v = p + jnp.float32(0.5)
     q = jnp.minimum(jnp.trunc(v), jnp.float32(qmax)).astype(jnp.int32)
     return d.astype(jnp.float16), mn.astype(jnp.float16), q
 
 
-def _bf16_bits(x: jax.Array) -> jax.Array:
-    """ggml_compute_fp32_to_bf16: round to nearest even, NaN forced quiet."""
-    n = lax.bitcast_convert_type(x, jnp.uint32)
-    is_nan = (n & 0x7FFFFFFF) > 0x7F800000
-    rounded = (n + (0x7FFF + ((n >> 16) & 1))) >> 16
-    nan = (n >> 16) | 64
-    return jnp.where(is_nan, nan, rounded).astype(jnp.uint16)
+def _blocks(x: jax.Array) -> jax.Array:
+    """Rows ``[..., n]`` as float32 blocks ``[..., n // 32, 32]``."""
+    x = jnp.asarray(x, jnp.float32)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
 
 
-def quantize_blocks(blocks: jax.Array, qtype: QuantType) -> dict[str, jax.Array]:
-    """Quantize float32 ``[..., n_blocks, 32]`` blocks (or any shape for float formats).
+def quantize_q8_0(x: jax.Array) -> dict[str, jax.Array]:
+    """Q8_0: ``d = amax / 127``, ``qs = round(x / d)`` (half away from zero)."""
+    blocks = _blocks(x)
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
+    d = exact_div(amax, 127.0)
+    id_ = safe_recip(d)
+    q = lax.round(blocks * id_[..., None], lax.RoundingMethod.AWAY_FROM_ZERO)
+    return {"d": d.astype(jnp.float16), "qs": q.astype(jnp.int8)}
 
-    Returns the leaves of a :class:`~jquant.QuantizedTensor`: ``qs`` and, as the format
-    needs them, ``d`` (fp16 scale), ``m`` (fp16 min) and ``qh`` (uint32 high bits).
+
+def quantize_q4_0(x: jax.Array) -> dict[str, jax.Array]:
+    """Q4_0: 4-bit symmetric, ``x = (q - 8) * d``."""
+    d, q = _symmetric(_blocks(x), 8, 15)
+    return {"d": d, "qs": _pack_nibbles(q)}
+
+
+def quantize_q5_0(x: jax.Array) -> dict[str, jax.Array]:
+    """Q5_0: 5-bit symmetric, ``x = (q - 16) * d``; bit 4 of every value in ``qh``."""
+    d, q = _symmetric(_blocks(x), 16, 31)
+    return {"d": d, "qh": _pack_high_bits(q), "qs": _pack_nibbles(q)}
+
+
+def quantize_q4_1(x: jax.Array) -> dict[str, jax.Array]:
+    """Q4_1: 4-bit affine, ``x = q * d + m``."""
+    d, m, q = _affine(_blocks(x), 15)
+    return {"d": d, "m": m, "qs": _pack_nibbles(q)}
+
+
+def quantize_q5_1(x: jax.Array) -> dict[str, jax.Array]:
+    """Q5_1: 5-bit affine, ``x = q * d + m``; bit 4 of every value in ``qh``."""
+    d, m, q = _affine(_blocks(x), 31)
+    return {"d": d, "m": m, "qh": _pack_high_bits(q), "qs": _pack_nibbles(q)}
+
+
+# Dequantizing is exact: an fp16 scale times a small integer is representable in
+# float32, so the results don't depend on fused multiply-adds.
+
+
+def dequantize_q8_0(fields: dict[str, jax.Array]) -> jax.Array:
+    """Q8_0 fields -> float32 ``[..., nb, 32]``."""
+    return fields["qs"].astype(jnp.float32) * fields["d"].astype(jnp.float32)[..., None]
+
+
+def dequantize_q4_0(fields: dict[str, jax.Array]) -> jax.Array:
+    """Q4_0 fields -> float32 ``[..., nb, 32]``."""
+    return jnp.concatenate(dequantize_halves(fields, offset=8.0), axis=-1)
+
+
+def dequantize_q5_0(fields: dict[str, jax.Array]) -> jax.Array:
+    """Q5_0 fields -> float32 ``[..., nb, 32]``."""
+    return jnp.concatenate(dequantize_halves(fields, offset=16.0), axis=-1)
+
+
+def dequantize_q4_1(fields: dict[str, jax.Array]) -> jax.Array:
+    """Q4_1 fields -> float32 ``[..., nb, 32]``."""
+    return jnp.concatenate(dequantize_halves(fields), axis=-1)
+
+
+def dequantize_q5_1(fields: dict[str, jax.Array]) -> jax.Array:
+    """Q5_1 fields -> float32 ``[..., nb, 32]``."""
+    return jnp.concatenate(dequantize_halves(fields), axis=-1)
+
+
+def dequantize_halves(fields: dict[str, jax.Array], offset: float = 0.0) -> list[jax.Array]:
+    """A nibble format's values as two halves, elements 0-15 and 16-31 of every block.
+
+    Each half is ``[..., nb, 16]``: ``(q - offset) * d`` for the symmetric formats
+    (``offset`` 8 or 16), ``q * d + m`` for the affine ones (``m`` present). ``jquant.dot``
+    multiplies the halves separately (concatenating them per block costs more on CPU
+    than the matmul) and interleaves the small result.
     """
-    if qtype is QuantType.Q8_0:
-        amax = jnp.max(jnp.abs(blocks), axis=-1)
-        d = _exact_div(amax, 127.0)
-        id_ = _safe_recip(d)
-        q = lax.round(blocks * id_[..., None], lax.RoundingMethod.AWAY_FROM_ZERO)
-        return {"qs": q.astype(jnp.int8), "d": d.astype(jnp.float16)}
-    if qtype is QuantType.Q4_0:
-        d, q = _symmetric(blocks, 8, 15)
-        return {"qs": _pack_nibbles(q), "d": d}
-    if qtype is QuantType.Q5_0:
-        d, q = _symmetric(blocks, 16, 31)
-        return {"qs": _pack_nibbles(q), "d": d, "qh": _pack_high_bits(q)}
-    if qtype is QuantType.Q4_1:
-        d, m, q = _affine(blocks, 15)
-        return {"qs": _pack_nibbles(q), "d": d, "m": m}
-    if qtype is QuantType.Q5_1:
-        d, m, q = _affine(blocks, 31)
-        return {"qs": _pack_nibbles(q), "d": d, "m": m, "qh": _pack_high_bits(q)}
-    if qtype is QuantType.F16:
-        return {"qs": blocks.astype(jnp.float16)}
-    if qtype is QuantType.BF16:
-        return {"qs": lax.bitcast_convert_type(_bf16_bits(blocks), jnp.bfloat16)}
-    if qtype is QuantType.F32:
-        return {"qs": blocks.astype(jnp.float32)}
-    raise AssertionError(qtype)  # QuantType.parse guarantees a known member
+    qs = fields["qs"]
+    d = fields["d"].astype(jnp.float32)[..., None]
+    halves = [qs & 0x0F, qs >> 4]
+    if "qh" in fields:
+        halves = [
+            h | _high_bits(fields["qh"], first) for h, first in zip(halves, (0, _HALF), strict=True)
+        ]
+    out = []
+    for q in halves:
+        q = q.astype(jnp.float32)
+        if "m" in fields:
+            out.append(q * d + fields["m"].astype(jnp.float32)[..., None])
+        else:
+            out.append((q - offset) * d)
+    return out
 
 
-def dequantize_blocks(leaves: dict[str, jax.Array], qtype: QuantType) -> jax.Array:
-    """Inverse of :func:`quantize_blocks`: float32 ``[..., n_blocks, 32]``.
-
-    Exact: an fp16 scale times a small integer is representable in float32, so the
-    result doesn't depend on fused multiply-adds.
-    """
-    qs = leaves["qs"]
-    if not qtype.is_block_quantized:
-        return qs.astype(jnp.float32)
-    d = leaves["d"].astype(jnp.float32)[..., None]
-    if qtype is QuantType.Q8_0:
-        return qs.astype(jnp.float32) * d
-    q = _unpack_nibbles(qs)
-    if qtype in (QuantType.Q5_0, QuantType.Q5_1):
-        q = q | (_unpack_high_bits(leaves["qh"]) << 4)
-    if qtype is QuantType.Q4_0:
-        return (q.astype(jnp.float32) - 8.0) * d
-    if qtype is QuantType.Q5_0:
-        return (q.astype(jnp.float32) - 16.0) * d
-    return q.astype(jnp.float32) * d + leaves["m"].astype(jnp.float32)[..., None]
+def _high_bits(qh: jax.Array, first: int) -> jax.Array:
+    """Bits ``first .. first+15`` of each uint32 ``qh``, as bit 4 of a uint8."""
+    shifts = jnp.arange(first, first + _HALF, dtype=jnp.uint32)
+    shifts = shifts.reshape((1,) * qh.ndim + shifts.shape)
+    return (((qh[..., None] >> shifts) & 1) << 4).astype(jnp.uint8)

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from .._errors import UnknownFormatError
 
-__all__ = ["QuantType", "QuantTypeLike", "as_quant_type"]
+__all__ = ["FORMATS", "QuantType", "QuantTypeLike", "as_quant_type"]
 
 
-class _Traits(NamedTuple):
-    block_size: int
-    bytes_per_block: int
-    is_block_quantized: bool
-    description: str
+FORMATS: dict[int, Any] = {}
+"""GGML type id -> its :class:`~jquant._formats.registry.FormatSpec`, filled by the registry.
 
-
-# GGML type id -> traits. Sizes and ids are ggml's (ggml.h / gguf.GGML_QUANT_SIZES).
-_TRAITS: dict[int, _Traits] = {
-    8: _Traits(32, 34, True, "8-bit symmetric, fp16 scale: x = q*d"),
-    2: _Traits(32, 18, True, "4-bit symmetric, fp16 scale: x = (q-8)*d"),
-    3: _Traits(32, 20, True, "4-bit affine, fp16 scale and min: x = q*d + m"),
-    6: _Traits(32, 22, True, "5-bit symmetric, fp16 scale: x = (q-16)*d"),
-    7: _Traits(32, 24, True, "5-bit affine, fp16 scale and min: x = q*d + m"),
-    1: _Traits(1, 2, False, "IEEE half precision"),
-    30: _Traits(1, 2, False, "bfloat16 (round to nearest even)"),
-    0: _Traits(1, 4, False, "IEEE single precision (lossless for f32 input)"),
-}
+The enum holds names and ids; sizes, fields and kernels live in the records.
+"""
 
 
 class QuantType(enum.Enum):
@@ -56,6 +43,11 @@ class QuantType(enum.Enum):
     F32 = 0
 
     @property
+    def spec(self) -> Any:
+        """This format's record in the format table (``jquant._formats.registry``)."""
+        return FORMATS[self.value]
+
+    @property
     def ggml_type(self) -> int:
         """The GGML type id (``gguf.GGMLQuantizationType`` value)."""
         return self.value
@@ -63,12 +55,12 @@ class QuantType(enum.Enum):
     @property
     def block_size(self) -> int:
         """Number of values per block (32 for the Qx formats, 1 for floats)."""
-        return _TRAITS[self.value].block_size
+        return self.spec.block_size
 
     @property
     def bytes_per_block(self) -> int:
         """Bytes one block takes, scales included."""
-        return _TRAITS[self.value].bytes_per_block
+        return self.spec.bytes_per_block
 
     @property
     def bits_per_weight(self) -> float:
@@ -78,12 +70,12 @@ class QuantType(enum.Enum):
     @property
     def is_block_quantized(self) -> bool:
         """True for the Qx_y formats, False for F16/BF16/F32."""
-        return _TRAITS[self.value].is_block_quantized
+        return self.spec.is_block_quantized
 
     @property
     def description(self) -> str:
         """One line saying how a value is stored."""
-        return _TRAITS[self.value].description
+        return self.spec.description
 
     def row_bytes(self, n: int) -> int:
         """Bytes that a row of ``n`` values takes (``n`` rounded up to whole blocks)."""
@@ -97,7 +89,9 @@ class QuantType(enum.Enum):
     def parse(cls, value: QuantTypeLike) -> QuantType:
         """Turn a name, alias, GGML id or ``gguf.GGMLQuantizationType`` into a QuantType.
 
-        Names are case-insensitive; ``-`` and ``_`` are interchangeable.
+        Names are case-insensitive; ``-`` and ``_`` are interchangeable. A format
+        registered at run time without a member (a ``FormatSpec``) is returned as its
+        record, by name, id or the record itself.
 
         Raises:
             UnknownFormatError: listing the valid names.
@@ -106,17 +100,22 @@ class QuantType(enum.Enum):
             return value
         # gguf.GGMLQuantizationType is an IntEnum: match it by id.
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            try:
-                return cls(int(value))
-            except ValueError:
-                pass
+            spec = FORMATS.get(int(value))
+            if spec is not None:
+                return spec.key
         elif isinstance(value, str):
             key = value.strip().lower().replace("-", "_")
             if key in _ALIASES:
                 return _ALIASES[key]
+            for spec in FORMATS.values():
+                if spec.name.lower() == key:
+                    return spec.key
+        elif any(value is spec for spec in FORMATS.values()):
+            return value
+        names = [s.name for s in FORMATS.values()]
         raise UnknownFormatError(
             f"unknown quantization format {value!r}; valid names are "
-            f"{', '.join(m.name for m in cls)} (case-insensitive) and the aliases "
+            f"{', '.join(names)} (case-insensitive) and the aliases "
             f"{', '.join(sorted(a for a in _ALIASES if a.upper() not in cls.__members__))}"
         )
 

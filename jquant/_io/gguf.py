@@ -65,13 +65,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._core.quantize import dequantize_tensor, quantize_tensor
 from .._core.tensor import QuantizedTensor
 from .._errors import FileFormatError, QuantError, ShapeError
 from .._formats.quant_type import QuantType
+from .._formats.registry import float_format, restored_dtype
 from .._model.rules import is_array, path_to_str
 from .gguf_file import (
-    _ARRAY_TYPES,
-    _RAW_TYPES,
+    ARRAY_TYPES,
     FORMAT_VERSION,
     K_CHECKSUM,
     K_CRC,
@@ -79,13 +80,14 @@ from .gguf_file import (
     K_TREE,
     K_VERSION,
     MAX_NAME_BYTES,
+    RAW_TYPES,
     Entry,
     GGUFInfo,
     GGUFTensorInfo,
-    _dtype,
-    _ggml_sizes,
+    ggml_sizes,
     gguf_name,
     read_header,
+    stored_dtype,
     stored_shape,
     write_gguf,
 )
@@ -111,12 +113,12 @@ __all__ = [
 def array_entry(path: str, x: Any) -> Entry:
     """An :class:`Entry` storing the array ``x`` unquantized."""
     dtype = np.dtype(x.dtype)
-    if dtype.name not in _ARRAY_TYPES:
+    if dtype.name not in ARRAY_TYPES:
         raise QuantError(
             f"tensor {path!r} has dtype {dtype.name}, which GGUF can't store; cast it to a "
             f"float or integer dtype first"
         )
-    ggml, store = _ARRAY_TYPES[dtype.name]
+    ggml, store = ARRAY_TYPES[dtype.name]
 
     def produce():
         a = np.asarray(x)
@@ -128,22 +130,31 @@ def array_entry(path: str, x: Any) -> Entry:
     return Entry(path, "a", dtype.name, tuple(int(s) for s in x.shape), ggml, produce)
 
 
-def _float_format(dtype: np.dtype) -> QuantType:
-    return {"float16": QuantType.F16, "bfloat16": QuantType.BF16}.get(dtype.name, QuantType.F32)
+def storage_format(qtype: QuantType, row: int, dtype: Any) -> QuantType:
+    """The format a row of ``row`` values of ``qtype`` is written in to a GGUF file.
+
+    GGML can't say "this row holds 40 values of a padded block": rows that aren't a
+    multiple of the block go in the record's llama.cpp fallback when its blocks fit,
+    else in the float format of ``dtype`` (F16, BF16, else F32).
+    """
+    spec = qtype.spec
+    if row % spec.block_size == 0:
+        return qtype
+    fallback = spec.fallback
+    if fallback is not None and row % fallback.block_size == 0:
+        return fallback
+    return float_format(dtype)
 
 
 def quantized_entry(path: str, q: QuantizedTensor) -> tuple[Entry, bool]:
-    """An :class:`Entry` for a QuantizedTensor and whether it had to be dequantized."""
+    """An :class:`Entry` for a QuantizedTensor and whether it had to be re-encoded."""
     row = q.shape[-1] if q.shape else 1
-    if q.qtype.is_block_quantized and row % q.qtype.block_size:
-        store = _float_format(q.dtype)
-        store_dtype = np.dtype(np.float32) if store is QuantType.F32 else q.dtype
-
+    store = storage_format(q.qtype, row, q.dtype)
+    if store is not q.qtype:
+        # the values as dequantized, re-encoded in ``store`` (exactly, for a float format)
         def produce():
-            from .._core.quantize import dequantize_tensor
-
-            vals = np.asarray(dequantize_tensor(q, store_dtype))
-            return np.ascontiguousarray(vals).reshape(-1).view(np.uint8)
+            vals = dequantize_tensor(q, np.float32)
+            return quantize_tensor(vals, store, check=False).to_bytes().reshape(-1)
 
         return Entry(path, "q", q.dtype.name, q.shape, store.ggml_type, produce), True
     produce = q.to_bytes if q.nbytes else (lambda: np.zeros(0, np.uint8))
@@ -356,7 +367,7 @@ def jquant_entries(info: GGUFInfo) -> tuple[list[dict[str, Any]], Any] | None:
             raise FileFormatError(
                 f"{bad}: the entry for tensor {t.name!r} doesn't match its header"
             )
-        _dtype(e["dtype"])
+        stored_dtype(e["dtype"])
         if e["kind"] == "q" and t.qtype is None:
             raise FileFormatError(
                 f"{bad}: tensor {t.name!r} is marked quantized but is {t.type_name}"
@@ -424,12 +435,7 @@ def load_gguf(
         (3, 'Q5_1', (4, 64))
     """
     info, mm = read_header(path)
-    try:
-        parsed = jquant_entries(info)
-    except (QuantError, OSError):
-        raise
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise FileFormatError(f"{info.path}: corrupt jquant metadata ({e})") from None
+    parsed = jquant_entries(info)  # validates every field it reads
     if parsed is None:
         return _load_foreign(info, mm, device)
     entries, tree = parsed
@@ -508,20 +514,19 @@ def decode_tensor(
     data = np.asarray(mm[t.offset : t.offset + t.nbytes])
     if entry is not None:
         shape = tuple(int(s) for s in entry["shape"])
-        dtype = _dtype(entry["dtype"])
+        dtype = stored_dtype(entry["dtype"])
         if entry["kind"] == "q":
             return QuantizedTensor.from_bytes(data, t.qtype, shape, dtype)
-        store = np.dtype(_ARRAY_TYPES[dtype.name][1])
+        store = np.dtype(ARRAY_TYPES[dtype.name][1])
         a = data.view(store).astype(store.newbyteorder("="))
         a = a.astype(bool) if dtype == np.bool_ else a.view(dtype)
         return _to_jax(a.reshape(shape))
     qt = t.qtype
     if qt is not None:
-        dtype = {QuantType.F16: np.float16, QuantType.BF16: _dtype("bfloat16")}.get(qt, np.float32)
-        return QuantizedTensor.from_bytes(data, qt, t.shape, dtype)
-    if t.ggml_type in _RAW_TYPES:
-        return _to_jax(data.view(np.dtype(_RAW_TYPES[t.ggml_type])).reshape(t.shape))
-    block, type_size = _ggml_sizes()[t.ggml_type]
+        return QuantizedTensor.from_bytes(data, qt, t.shape, restored_dtype(qt))
+    if t.ggml_type in RAW_TYPES:
+        return _to_jax(data.view(np.dtype(RAW_TYPES[t.ggml_type])).reshape(t.shape))
+    block, type_size = ggml_sizes()[t.ggml_type]
     rows = data.reshape(*t.shape[:-1], t.shape[-1] // block * type_size) if t.shape else data
     try:
         vals = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(t.ggml_type))
@@ -535,7 +540,7 @@ def decode_tensor(
 
 def is_decoded(t: GGUFTensorInfo) -> bool:
     """True if jquant can only read ``t`` by dequantizing it (k-quants, i-quants, ...)."""
-    return t.qtype is None and t.ggml_type not in _RAW_TYPES
+    return t.qtype is None and t.ggml_type not in RAW_TYPES
 
 
 def _load_foreign(info: GGUFInfo, mm: np.ndarray, device: Any) -> dict[str, Any]:

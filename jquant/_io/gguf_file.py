@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import FileFormatError, FileWriteError, QuantError
+from .._errors import FileFormatError, FileWriteError, QuantError, UnknownFormatError
 from .._formats.quant_type import QuantType
+from .._formats.registry import formats, numpy_dtype
 
 __all__ = [
     "Entry",
@@ -71,7 +72,7 @@ _SCALAR_NP = {k: np.dtype(v.replace("?", "u1")) for k, v in _SCALAR_FMT.items()}
 
 # GGML tensor types jquant stores plain arrays in: dtype name -> (ggml id, storage dtype)
 _I8, _I16, _I32, _I64, _F64 = 24, 25, 26, 27, 28
-_ARRAY_TYPES: dict[str, tuple[int, str]] = {
+ARRAY_TYPES: dict[str, tuple[int, str]] = {
     "float32": (0, "<f4"),
     "float16": (1, "<f2"),
     "bfloat16": (30, "<u2"),
@@ -86,20 +87,22 @@ _ARRAY_TYPES: dict[str, tuple[int, str]] = {
     "uint64": (_I64, "<u8"),
     "bool": (_I8, "u1"),
 }
-_RAW_TYPES = {_I8: "i1", _I16: "<i2", _I32: "<i4", _I64: "<i8", _F64: "<f8"}
+RAW_TYPES = {_I8: "i1", _I16: "<i2", _I32: "<i4", _I64: "<i8", _F64: "<f8"}
 
 
-def _dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
+def stored_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name in jquant metadata (``bfloat16`` included).
 
-        return np.dtype(ml_dtypes.bfloat16)
-    if name not in _ARRAY_TYPES:
+    Raises:
+        FileFormatError: a dtype jquant never writes.
+    """
+    if name not in ARRAY_TYPES:
         raise FileFormatError(f"unknown dtype {name!r} in jquant metadata")
-    return np.dtype(name)
+    return numpy_dtype(name)
 
 
-def _ggml_sizes() -> dict[int, tuple[int, int]]:
+def ggml_sizes() -> dict[int, tuple[int, int]]:
+    """GGML type id -> (values per block, bytes per block), for every type gguf-py knows."""
     import gguf
 
     return {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
@@ -170,7 +173,7 @@ class Entry:
 
     @property
     def byte_shape(self) -> tuple[int, ...]:
-        block, size = _ggml_sizes()[self.ggml_type]
+        block, size = ggml_sizes()[self.ggml_type]
         s = stored_shape(self.shape)
         return (*s[:-1], -(-s[-1] // block) * size)
 
@@ -273,7 +276,7 @@ def write_gguf(
                 gguf.GGUFValueType(vtype),
                 None if sub is None else gguf.GGUFValueType(sub),
             )
-        block_types = {t.ggml_type for t in QuantType if t.is_block_quantized}
+        block_types = {s.ggml_type for s in formats() if s.is_block_quantized}
         if "general.quantization_version" not in metadata and any(
             e.ggml_type in block_types for e in entries
         ):
@@ -402,8 +405,8 @@ class GGUFTensorInfo:
     def qtype(self) -> QuantType | None:
         """The :class:`QuantType`, or ``None`` for a format jquant doesn't have."""
         try:
-            return QuantType(self.ggml_type)
-        except ValueError:
+            return QuantType.parse(self.ggml_type)
+        except UnknownFormatError:
             return None
 
     @property
@@ -581,7 +584,7 @@ def _open(path: str | os.PathLike) -> tuple[GGUFInfo, np.ndarray]:
             cur.pos -= 4
         metadata[key] = cur.value(vtype, f"metadata {key!r}")
         types[key] = (vtype, sub)
-    sizes = _ggml_sizes()
+    sizes = ggml_sizes()
     raw = []
     names: set[str] = set()
     for i in range(n_tensors):

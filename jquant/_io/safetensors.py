@@ -25,13 +25,24 @@ from typing import Any
 
 import numpy as np
 
+from .._core.quantize import dequantize_tensor
 from .._core.tensor import QuantizedTensor
 from .._errors import FileFormatError
 from .._formats.quant_type import QuantType, QuantTypeLike
+from .._formats.registry import DEFAULT_FORMAT, numpy_dtype, restored_dtype
 from .._model.model import quantize_model
 from .._model.report import LeafReport, ModelReport
 from .._model.rules import DEFAULT_MIN_SIZE, decide, parse_rules
-from .gguf import Entry, array_entry, write_gguf
+from .gguf import (
+    Entry,
+    array_entry,
+    decode_tensor,
+    is_decoded,
+    jquant_entries,
+    storage_format,
+    write_gguf,
+)
+from .gguf_file import read_header
 
 __all__ = [
     "Source",
@@ -81,14 +92,6 @@ class Source:
         raise TypeError("a Source is not loaded")
 
 
-def _np_dtype(name: str) -> np.dtype:
-    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-        import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
-    return np.dtype(name)
-
-
 def safetensors_sources(path: str | os.PathLike) -> tuple[list[Source], dict[str, str]]:
     """The tensors of a ``.safetensors`` file (memory-mapped on load) and its metadata.
 
@@ -130,7 +133,7 @@ def safetensors_sources(path: str | os.PathLike) -> tuple[list[Source], dict[str
                 f"{spath}: tensor {name!r} has dtype {st_dtype}, which jquant can't read "
                 f"(supported: {', '.join(_ST_DTYPES)})"
             )
-        dtype = _np_dtype(_ST_DTYPES[st_dtype])
+        dtype = numpy_dtype(_ST_DTYPES[st_dtype])
         if any(s < 0 for s in shape) or end - start != math.prod(shape) * dtype.itemsize:
             raise FileFormatError(
                 f"{spath}: tensor {name!r}: {end - start} bytes don't hold a {st_dtype} tensor "
@@ -210,10 +213,6 @@ def gguf_sources(path: str | os.PathLike) -> tuple[list[Source], dict[str, Any]]
 
     Names are the saved pytree paths for jquant files, the GGUF names otherwise.
     """
-    from .._core.quantize import dequantize_tensor
-    from .gguf import decode_tensor, is_decoded, jquant_entries
-    from .gguf_file import read_header
-
     info, mm = read_header(path)
     parsed = jquant_entries(info)
     entries = parsed[0] if parsed else [None] * len(info.tensors)
@@ -221,12 +220,10 @@ def gguf_sources(path: str | os.PathLike) -> tuple[list[Source], dict[str, Any]]
     for t, e in zip(info.tensors, entries, strict=True):
         name = e["path"] if e else t.name
         if e:
-            dtype = np.dtype(_np_dtype(e["dtype"]))
+            dtype = numpy_dtype(e["dtype"])
             shape = tuple(e["shape"])
         elif t.qtype is not None:
-            dtype = np.dtype(
-                {"F16": "float16", "BF16": _np_dtype("bfloat16")}.get(t.type_name, "float32")
-            )
+            dtype = restored_dtype(t.qtype)
             shape = t.shape
         else:
             dtype = np.dtype(
@@ -290,11 +287,11 @@ def convert_sources(
             used.add(dec.rule)
         size = math.prod(src.shape)
         qt = dec.qtype
-        if qt is not None and qt.is_block_quantized and (src.shape[-1] if src.shape else 1) % 32:
-            ragged.append(f"{src.name} {src.shape}")
-            qt = {"float16": QuantType.F16, "bfloat16": QuantType.BF16}.get(
-                src.dtype.name, QuantType.F32
-            )
+        if qt is not None:
+            store = storage_format(qt, src.shape[-1] if src.shape else 1, src.dtype)
+            if store is not qt:
+                ragged.append(f"{src.name} {src.shape}")
+                qt = store
         if qt is None:
             e = array_entry(src.name, _Lazy(src))
             reason = dec.reason
@@ -316,9 +313,9 @@ def convert_sources(
         )
     if ragged:
         warnings.warn(
-            f"{len(ragged)} tensor(s) have rows that are not a multiple of 32 values, which "
-            f"GGML block formats can't describe; they are stored unquantized (F32, or "
-            f"F16/BF16 for tensors of that dtype): {'; '.join(ragged[:10])}"
+            f"{len(ragged)} tensor(s) have rows that are not a multiple of 32 values (their "
+            f"format's block), which GGML block formats can't describe; they are stored "
+            f"unquantized (F32, or F16/BF16 for tensors of that dtype): {'; '.join(ragged[:10])}"
             f"{' ...' if len(ragged) > 10 else ''}",
             UserWarning,
             stacklevel=3,
@@ -354,7 +351,7 @@ def _quantizer(src: Source, qt: QuantType) -> Callable[[], np.ndarray]:
 def convert_safetensors(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    qtype_or_rules: QuantTypeLike | Mapping[str, Any] | list[tuple[str, Any]] = "q8_0",
+    qtype_or_rules: QuantTypeLike | Mapping[str, Any] | list[tuple[str, Any]] = DEFAULT_FORMAT,
     *,
     min_size: int = DEFAULT_MIN_SIZE,
     keep_1d: bool = True,

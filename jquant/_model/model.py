@@ -29,20 +29,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._core.blocks import bad_blocks, check_fields, error_sums, num_blocks, pad_rows
 from .._core.quantize import quantize_tensor
-from .._core.tensor import QuantizedTensor, num_blocks_for
+from .._core.tensor import QuantizedTensor
 from .._errors import NonFiniteError, QuantError
-from .._formats.legacy import BLOCK, dequantize_blocks, quantize_blocks
 from .._formats.quant_type import QuantType, QuantTypeLike
+from .._formats.registry import FormatSpec
 from .report import LeafReport, ModelReport
 from .rules import DEFAULT_MIN_SIZE, Decision, decide, parse_rules, path_to_str
-from .sharding import _dequantize_leaf, _is_multi_device, _quantize_sharded
+from .sharding import dequantize_leaf, is_multi_device, quantize_sharded
 
 __all__ = ["dequantize_model", "quantize_model"]
 
 CHUNK_BLOCKS = 1 << 15
-"""Blocks per chunk: 1M values, 4 MiB of float32, small enough to stay in cache."""
+"""Blocks of 32 values per chunk: 1M values, 4 MiB of float32, small enough to stay in cache."""
 _MIN_BUCKET = 1 << 10
+_UNIT = 32
+"""Values per chunk unit of a float format (whose blocks are single values); a format
+with bigger blocks streams the same number of values per chunk in fewer units."""
 
 
 def quantize_model(
@@ -149,14 +153,15 @@ def quantize_model(
         if dec.qtype is None:
             continue
         x = leaves[i]
-        if _is_multi_device(x):
-            out[i], st = _quantize_sharded(x, dec.qtype, paths[i], check=check, stats=report)
+        if is_multi_device(x):
+            out[i], st = quantize_sharded(x, dec.qtype, paths[i], check=check, stats=report)
             if st is not None:
                 stats[i] = st
         else:
             groups.setdefault(dec.qtype, []).append(_Job(i, paths[i], x, dec.qtype))
     for qtype, jobs in groups.items():
-        _run_group(jobs, qtype, chunk_blocks, check=check, stats=report)
+        units = max(_MIN_BUCKET, chunk_blocks * _UNIT // jobs[0].unit)
+        _run_group(jobs, qtype, units, check=check, stats=report)
         for job in jobs:
             out[job.index] = job.result
             if report:
@@ -195,7 +200,7 @@ def dequantize_model(qparams: Any, dtype: Any = None) -> Any:
     out = []
     for leaf in leaves:
         if isinstance(leaf, QuantizedTensor):
-            out.append(_dequantize_leaf(leaf, out_dtype))
+            out.append(dequantize_leaf(leaf, out_dtype))
         elif (
             out_dtype is not None
             and hasattr(leaf, "dtype")
@@ -258,47 +263,39 @@ class _Job:
     max_err: float = 0.0
 
     def __post_init__(self):
+        self.spec: FormatSpec = self.qtype.spec
         self.shape = tuple(int(s) for s in self.x.shape)
         # as quantize_tensor records it: float64 is float32 unless jax_enable_x64 is on
         self.dtype = np.dtype(jax.dtypes.canonicalize_dtype(self.x.dtype))
         self.size = math.prod(self.shape)
         self.row = self.shape[-1] if self.shape else 1
         self.rows = math.prod(self.shape[:-1]) if self.shape else 1
-        if self.qtype.is_block_quantized:
-            self.nb = num_blocks_for(self.row, self.qtype)
-            self.n_units = self.rows * self.nb
-        else:
-            self.n_units = -(-self.size // BLOCK) if self.size else 0
+        self.nb = num_blocks(self.row, self.spec.block_size)  # blocks per row
+        # A unit is one block of a block format, or _UNIT values of a float format
+        # (which quantizes the flattened tensor: no value depends on its neighbours).
+        self.blocked = self.spec.is_block_quantized
+        self.unit = self.spec.block_size if self.blocked else _UNIT
+        self.n_units = self.rows * self.nb if self.blocked else num_blocks(self.size, _UNIT)
 
     def units(self) -> np.ndarray:
-        """This leaf as ``[n_units, 32]`` (a view when no padding is needed)."""
+        """This leaf as ``[n_units, unit]`` (a view when no padding is needed)."""
         if self._units is None:
             a = np.asarray(self.x)
-            if self.qtype.is_block_quantized:
-                a = a.reshape(self.rows, self.row)
-                pad = self.nb * BLOCK - self.row
-                if pad and a.size:
-                    a = np.pad(a, [(0, 0), (0, pad)], mode="edge")
-                elif pad:
-                    a = np.zeros((self.rows, self.nb * BLOCK), np.float32)
-            else:
-                a = a.reshape(-1)
-                pad = self.n_units * BLOCK - self.size
-                if pad:
-                    a = np.concatenate([a.astype(np.float32), np.zeros(pad, np.float32)])
-            self._units = a.reshape(self.n_units, BLOCK)
+            a = a.reshape(self.rows, self.row) if self.blocked else a.reshape(1, -1)
+            self._units = pad_rows(a, self.unit).reshape(self.n_units, self.unit)
         return self._units
 
     def valid(self, u0: int, u1: int) -> np.ndarray:
         """Number of real (not padding) values in units ``[u0, u1)``."""
-        v = np.full(u1 - u0, BLOCK, np.int32)
-        if self.qtype.is_block_quantized:
-            tail = self.row - (self.nb - 1) * BLOCK if self.nb else BLOCK
-            if tail != BLOCK:
+        unit = self.unit
+        v = np.full(u1 - u0, unit, np.int32)
+        if self.blocked:
+            tail = self.row - (self.nb - 1) * unit if self.nb else unit
+            if tail != unit:
                 u = np.arange(u0, u1)
                 v[u % self.nb == self.nb - 1] = tail
-        elif self.size % BLOCK and u1 == self.n_units:
-            v[-1] = self.size % BLOCK
+        elif self.size % unit and u1 == self.n_units:
+            v[-1] = self.size % unit
         return v
 
     def store(self, host: dict[str, np.ndarray], u0: int, u1: int, src: slice) -> None:
@@ -307,7 +304,7 @@ class _Job:
             # aligned, so that device_put hands the memory to XLA without a copy
             self.out = {
                 k: _aligned((self.n_units, *f.shape[1:]), f.dtype)
-                for k, f in _fields(self.qtype).items()
+                for k, f in _fields(self.qtype, self.unit).items()
             }
         for k, v in host.items():
             self.out[k][u0:u1] = v[src]
@@ -317,19 +314,17 @@ class _Job:
         if self.out is None:  # no units: an empty tensor
             self.store({}, 0, 0, slice(0, 0))
         out, self.out = self.out, None
-        if self.qtype.is_block_quantized:
-            lead = self.shape[:-1] if self.shape else ()
-            leaves = {k: v.reshape(*lead, self.nb, *v.shape[1:]) for k, v in out.items()}
-        else:
-            qs = out["qs"].reshape(-1)[: self.size]
-            leaves = {"qs": qs.reshape(self.shape or (1,))}
+        lead = self.shape[:-1] if self.shape else ()
+        total = self.rows * self.nb  # blocks of the leaf; the rest of the last unit is padding
+        leaves = {}
+        for f in self.spec.fields:
+            v = out[f.name].reshape(-1, *f.shape)[:total]
+            leaves[f.name] = v.reshape(*lead, self.nb, *f.shape)
         # back on the leaf's device; device_put (not jnp.asarray, which compiles a program
         # per shape) aliases the aligned host arrays on CPU
         device = next(iter(self.x.devices())) if isinstance(self.x, jax.Array) else None
         leaves = {k: jax.device_put(v, device, may_alias=True) for k, v in leaves.items()}
-        self.result = QuantizedTensor(
-            **leaves, shape=self.shape, dtype=self.dtype, qtype=self.qtype
-        )
+        self.result = QuantizedTensor(leaves, shape=self.shape, dtype=self.dtype, qtype=self.qtype)
 
     def sums_tuple(self):
         sq, ab, sig, count = self.sums
@@ -337,44 +332,28 @@ class _Job:
 
 
 @functools.cache
-def _fields(qt: QuantType) -> dict[str, jax.ShapeDtypeStruct]:
-    """The packed leaves of one block of ``qt`` (traced abstractly: nothing compiles)."""
-    return jax.eval_shape(
-        functools.partial(quantize_blocks, qtype=qt), jax.ShapeDtypeStruct((1, BLOCK), jnp.float32)
-    )
+def _fields(qt: QuantType, unit: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The packed fields of one unit of ``qt`` (traced abstractly: nothing compiles)."""
+    return jax.eval_shape(qt.spec.encode, jax.ShapeDtypeStruct((1, unit), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "stats"))
-def _quantize_chunk(blocks, valid, *, qtype: QuantType, stats: bool):
-    leaves = quantize_blocks(blocks, qtype)
-    bad = _bad_blocks(blocks, leaves, qtype)
+def _quantize_chunk(units, valid, *, qtype: QuantType, stats: bool):
+    """Quantize ``[size, unit]`` units; per unit: the fields, bad flags and error sums."""
+    spec = qtype.spec
+    size, unit = units.shape
+    fields = spec.encode(units)
+    blocks = units.reshape(size, unit // spec.block_size, spec.block_size)
+    check_fields(fields, spec, blocks.shape[:-1])
+    bad = bad_blocks(blocks, fields, spec).any(axis=-1)
     first = jnp.argmax(bad).astype(jnp.int32)
     problem = (bad[first], first)
     sums = None
     if stats:
-        y = dequantize_blocks(leaves, qtype)
-        mask = jnp.arange(BLOCK, dtype=jnp.int32)[None, :] < valid[:, None]
-        err = jnp.where(mask, blocks - y, jnp.float32(0))
-        sig = jnp.where(mask, blocks * blocks, jnp.float32(0))
-        sums = (
-            jnp.sum(err * err, axis=-1),
-            jnp.sum(jnp.abs(err), axis=-1),
-            jnp.max(jnp.abs(err), axis=-1),
-            jnp.sum(sig, axis=-1),
-        )
-    return leaves, problem, sums
-
-
-def _bad_blocks(blocks, leaves, qtype: QuantType):
-    """Per block (unit): True where the input is non-finite or the format overflows."""
-    if qtype.is_block_quantized:
-        bad = ~jnp.isfinite(blocks).all(axis=-1) | ~jnp.isfinite(leaves["d"])
-        if "m" in leaves:
-            bad |= ~jnp.isfinite(leaves["m"])
-        return bad
-    # F16/BF16/F32 store NaN/Inf faithfully; only finite values that overflow matter.
-    stored = leaves["qs"].astype(jnp.float32)
-    return (~jnp.isfinite(stored) & jnp.isfinite(blocks)).any(axis=-1)
+        y = spec.decode(fields).reshape(size, unit)
+        mask = jnp.arange(unit, dtype=jnp.int32)[None, :] < valid[:, None]
+        sums = error_sums(units, y, mask, axis=-1)
+    return fields, problem, sums
 
 
 def _bucket(n: int, chunk: int) -> int:
@@ -450,7 +429,7 @@ def _run_group(jobs: list[_Job], qtype: QuantType, chunk: int, *, check: bool, s
         if size:
             src = _direct(parts, size)
             if src is None:
-                buf = free.pop() if free else _aligned((chunk, BLOCK))
+                buf = free.pop() if free else _aligned((chunk, jobs[0].unit))
                 src = buf[:size]
                 end = 0
                 for job, u0, u1, dst in parts:
@@ -492,7 +471,7 @@ def _collect(parts, launched, buf, free, *, check: bool, stats: bool):
             sl = slice(dst, dst + u1 - u0)
             job.store(host, u0, u1, sl)
             if stats:
-                sq, ab, mx, sig = (s[sl] for s in host_sums)
+                sq, mx, ab, sig = (s[sl] for s in host_sums)
                 count = job.valid(u0, u1).sum()
                 job.sums += np.array(
                     [

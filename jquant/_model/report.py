@@ -167,7 +167,11 @@ class ModelReport:
         ]:
             t.add_column(col, justify=just)
         for r in self.rows:
-            err = [_num(r.rmse), _num(r.max_error), _num(r.sqnr_db, ".1f")] if errors else []
+            err = (
+                [format_number(r.rmse), format_number(r.max_error), format_number(r.sqnr_db, ".1f")]
+                if errors
+                else []
+            )
             t.add_row(
                 r.path,
                 "x".join(map(str, r.shape)) or "()",
@@ -179,7 +183,7 @@ class ModelReport:
                 r.reason or "",
             )
         t.add_section()
-        total_err = ["", "", _num(self.sqnr_db if self.num_quantized else None, ".1f")]
+        total_err = ["", "", format_number(self.sqnr_db if self.num_quantized else None, ".1f")]
         t.add_row(
             f"total ({len(self.rows)} leaves, {self.num_quantized} quantized)",
             f"{self.num_params:,}",
@@ -215,7 +219,7 @@ class ModelReport:
         )
 
 
-def _num(v: float | None, fmt: str = ".3g") -> str:
+def format_number(v: float | None, fmt: str = ".3g") -> str:
     if v is None:
         return ""
     return format(v, fmt)

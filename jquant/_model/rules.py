@@ -27,6 +27,7 @@ import numpy as np
 
 from .._errors import QuantError, UnknownFormatError
 from .._formats.quant_type import QuantType, QuantTypeLike
+from .._formats.registry import FLOAT_DTYPES, FormatSpec
 
 __all__ = ["Rule", "Decision", "parse_rules", "decide", "path_to_str", "DEFAULT_MIN_SIZE"]
 
@@ -34,7 +35,6 @@ DEFAULT_MIN_SIZE = 1024
 """Tensors with fewer values than this stay unquantized by default."""
 
 _KEEP_NAMES = ("keep", "none", "skip", "original")
-_FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +103,7 @@ def parse_rules(
         >>> [(r.pattern, r.qtype) for r in parse_rules({"embed": None, ".*": "q4_0"})]
         [('embed', None), ('.*', <QuantType.Q4_0: 2>)]
     """
-    if isinstance(spec, (str, int, QuantType)) or spec is None:
+    if isinstance(spec, (str, int, QuantType, FormatSpec)) or spec is None:
         return (Rule(".*", re.compile(".*"), _parse_format(spec, None)),)
     items = spec.items() if isinstance(spec, Mapping) else spec
     rules = []
@@ -164,7 +164,7 @@ def decide(
     if not is_array(leaf):
         return Decision(None, f"not an array ({type(leaf).__name__})")
     dtype = np.dtype(leaf.dtype)
-    if dtype.name not in _FLOAT_KINDS:
+    if dtype.name not in FLOAT_DTYPES:
         return Decision(None, f"{dtype.name} is not a floating-point dtype")
     shape = tuple(leaf.shape)
     size = int(np.prod(shape))

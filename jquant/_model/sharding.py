@@ -17,22 +17,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from .._core.quantize import _to_blocks, dequantize_leaves, dequantize_tensor, quantize_tensor
+from .._core.blocks import bad_blocks, error_sums
+from .._core.quantize import (
+    as_blocks,
+    as_rows,
+    check_dtype,
+    dequantize_leaves,
+    dequantize_tensor,
+    quantize_tensor,
+)
 from .._core.tensor import QuantizedTensor
 from .._errors import NonFiniteError, ShapeError
-from .._formats.legacy import BLOCK, dequantize_blocks, quantize_blocks
 from .._formats.quant_type import QuantType
 
-_LEAF_FIELDS = {
-    qt: {"d"}
-    | ({"m"} if qt in (QuantType.Q4_1, QuantType.Q5_1) else set())
-    | ({"qh"} if qt in (QuantType.Q5_0, QuantType.Q5_1) else set())
-    for qt in QuantType
-    if qt.is_block_quantized
-}
+__all__ = ["dequantize_leaf", "is_multi_device", "quantize_sharded"]
 
 
-def _is_multi_device(x: Any) -> bool:
+def is_multi_device(x: Any) -> bool:
+    """True for a concrete array whose sharding spans several devices."""
     return (
         isinstance(x, jax.Array)
         and not isinstance(x, jax.core.Tracer)
@@ -55,60 +57,46 @@ def _sharded_out(x: jax.Array, qtype: QuantType, path: str):
     s = x.sharding
     if not isinstance(s, NamedSharding) or x.ndim == 0:
         return None
+    fmt = qtype.spec
+    block = fmt.block_size
     spec = tuple(s.spec) + (None,) * (x.ndim - len(s.spec))
     ways = _axis_ways(s.mesh, spec[-1])
-    if qtype.is_block_quantized and ways > 1 and x.shape[-1] % (BLOCK * ways):
+    if block > 1 and ways > 1 and x.shape[-1] % (block * ways):
         per = x.shape[-1] / ways
         alt = (spec[-1], *spec[:-1]) if x.ndim > 1 and spec[0] is None else None
         instead = f" (e.g. PartitionSpec{alt})" if alt else ""
         raise ShapeError(
             f"tensor {path!r} of shape {tuple(x.shape)} is split {ways} ways along its last "
-            f"axis (PartitionSpec{spec}), {per:g} values per shard, so a {BLOCK}-value "
+            f"axis (PartitionSpec{spec}), {per:g} values per shard, so a {block}-value "
             f"{qtype.name} block would straddle two devices. Shard the last axis so each "
-            f"shard holds a multiple of {BLOCK} values (last axis a multiple of "
-            f"{BLOCK * ways}), shard another axis instead{instead}, "
+            f"shard holds a multiple of {block} values (last axis a multiple of "
+            f"{block * ways}), shard another axis instead{instead}, "
             f"or keep this leaf unquantized with a rule ({path!r}: None)."
         )
-    mesh = s.mesh
-    if not qtype.is_block_quantized:
-        return {"qs": NamedSharding(mesh, PartitionSpec(*spec))}
-    lead, last = spec[:-1], spec[-1]
-    out = {"qs": NamedSharding(mesh, PartitionSpec(*lead, last, None))}
-    for k in ("d", "m", "qh"):
-        if k in _LEAF_FIELDS[qtype]:
-            out[k] = NamedSharding(mesh, PartitionSpec(*lead, last))
-    return out
+    # every field is [*lead, nb, *per_block]: the blocks split like the last axis
+    return {
+        f.name: NamedSharding(s.mesh, PartitionSpec(*spec, *(None,) * len(f.shape)))
+        for f in fmt.fields
+    }
 
 
 @functools.lru_cache(maxsize=256)
 def _sharded_fn(qtype: QuantType, shardings, stats: bool):
+    spec = qtype.spec
+
     def f(x):
-        blocks = _to_blocks(x, qtype)
-        leaves = quantize_blocks(blocks, qtype)
-        if qtype.is_block_quantized:
-            bad = ~jnp.isfinite(blocks).all() | ~jnp.isfinite(leaves["d"]).all()
-            if "m" in leaves:
-                bad |= ~jnp.isfinite(leaves["m"]).all()
-        else:
-            stored = leaves["qs"].astype(jnp.float32)
-            bad = (~jnp.isfinite(stored) & jnp.isfinite(blocks)).any()
+        rows = as_rows(x, spec)
+        leaves = spec.encode(rows)
+        blocks = as_blocks(rows, spec)
+        bad = bad_blocks(blocks, leaves, spec).any()
         sums = None
         if stats:
-            y = dequantize_blocks(leaves, qtype)
-            if qtype.is_block_quantized:
-                n = x.shape[-1] if x.ndim else 1
-                col = jax.lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim - 2) * BLOCK
-                col = col + jax.lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim - 1)
-                mask = col < n
-            else:
-                mask = jnp.ones(blocks.shape, bool)
-            err = jnp.where(mask, blocks - y, jnp.float32(0))
-            sums = (
-                jnp.sum(err * err),
-                jnp.max(jnp.abs(err), initial=0.0),
-                jnp.sum(jnp.abs(err)),
-                jnp.sum(jnp.where(mask, blocks * blocks, jnp.float32(0))),
-            )
+            y = spec.decode(leaves)
+            n = x.shape[-1] if x.ndim else 1
+            col = jax.lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim - 2)
+            col = col * spec.block_size
+            col = col + jax.lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim - 1)
+            sums = error_sums(blocks, y, col < n)
         return leaves, bad, sums
 
     if shardings is None:
@@ -140,9 +128,8 @@ def _to_mesh(x: jax.Array, mesh) -> jax.Array:
     return x
 
 
-def _quantize_sharded(x: jax.Array, qtype: QuantType, path: str, *, check: bool, stats: bool):
-    from .._core.quantize import check_dtype
-
+def quantize_sharded(x: jax.Array, qtype: QuantType, path: str, *, check: bool, stats: bool):
+    """Quantize a multi-device leaf where it lives: ``(QuantizedTensor, error sums | None)``."""
     check_dtype(x, path)
     xa = _to_auto(x)
     shardings = _sharded_out(xa, qtype, path)
@@ -154,7 +141,7 @@ def _quantize_sharded(x: jax.Array, qtype: QuantType, path: str, *, check: bool,
         # the error path only: gather it for quantize_tensor's exact message
         quantize_tensor(np.asarray(x), qtype, check=True, name=path)
         raise NonFiniteError(f"tensor {path!r} holds a non-finite value or overflows {qtype.name}")
-    q = QuantizedTensor(**leaves, shape=tuple(x.shape), dtype=np.dtype(x.dtype), qtype=qtype)
+    q = QuantizedTensor(leaves, shape=tuple(x.shape), dtype=np.dtype(x.dtype), qtype=qtype)
     st = None
     if stats:
         sq, mx, ab, sig = (float(v) for v in sums)
@@ -173,12 +160,13 @@ def _dequantize_sharded_fn(qtype: QuantType, shape, dtype, sharding):
     return jax.jit(f, out_shardings=sharding)
 
 
-def _dequantize_leaf(q: QuantizedTensor, dtype):
-    qs = q.qs
-    if _is_multi_device(qs) and isinstance(qs.sharding, NamedSharding) and q.shape:
+def dequantize_leaf(q: QuantizedTensor, dtype):
+    """``dequantize_tensor(q, dtype)``, keeping a multi-device sharding of ``q``."""
+    first = q.spec.fields[0]
+    qs = q.fields[first.name]
+    if is_multi_device(qs) and isinstance(qs.sharding, NamedSharding) and q.shape:
         spec = tuple(qs.sharding.spec) + (None,) * (qs.ndim - len(qs.sharding.spec))
-        if q.qtype.is_block_quantized:
-            spec = spec[:-1]  # (*lead, nb, w) -> (*lead, n)
+        spec = spec[: qs.ndim - len(first.shape)]  # (*lead, nb, *per_block) -> (*lead, n)
         mesh = qs.sharding.mesh
         sharding = NamedSharding(_auto_mesh(mesh), PartitionSpec(*spec))
         out_dtype = np.dtype(dtype) if dtype is not None else q.dtype
