@@ -10,9 +10,10 @@ Conventions (NVIDIA's, as TensorRT / pytorch-quantization ship them; see
   bins the old maximum, sitting on the old top edge, would move up one bin).
 * Counts are int32 (float32 counts stop being exact past 2**24 per bin); the percentile
   search compares integer prefix sums exactly (int64), never a float cdf.
-* The entropy and MSE searches are vectorised over every candidate at once and evaluate their sums in
-  float64 (``jax.enable_x64`` scoped to the search; float32 on TPU), so they pick the same
-  bin as a float64 NumPy implementation of the reference loops.
+* The entropy and MSE searches are vectorised over every candidate at once and evaluate
+  their sums in float64 (``jax.enable_x64`` scoped to the search; float32 on TPU), so they
+  pick the same bin as a float64 NumPy implementation of the reference loops; the
+  entropy search's prefix sums of counts are int64, exact on every backend.
 """
 
 from __future__ import annotations

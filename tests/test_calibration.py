@@ -186,7 +186,9 @@ def test_percent_ratio_is_the_decimal_written_or_the_next_fraction_above():
     # more digits than the denominator bound: the smallest fraction >= p / 100 within it,
     # checked against every fraction with a small bound
     bound = 60
-    for p in (100 / 3, 99.12345678901, 0.0123456789, 71.4285714286):
+    rng = np.random.default_rng(0)
+    extra = [float(v) for v in rng.uniform(0, 100, 20)]  # 14-17 significant digits
+    for p in (100 / 3, 99.12345678901, 0.0123456789, 71.4285714286, *extra):
         f = Fraction(repr(p)) / 100
         num, den = percent_ratio(p, max_den=bound)
         assert den <= bound and Fraction(num, den) >= f
