@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,17 +68,23 @@ def shards(tmp_path_factory) -> list[dict[str, np.ndarray]]:
         )
         for i in range(2)
     ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the two jax.distributed processes did not finish in {TIMEOUT_S} s")
-    for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        tail = "\n".join(line for line in log.splitlines() if "[Gloo]" not in line)[-3000:]
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{tail}"
+    deadline = time.monotonic() + TIMEOUT_S
+    logs, timed_out = [], False
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for q in procs:
+                q.kill()
+            logs.append(p.communicate()[0])
+    tails = [
+        "\n".join(line for line in log.splitlines() if "[Gloo]" not in line)[-3000:] for log in logs
+    ]
+    if timed_out:
+        pytest.fail(f"the two processes did not finish in {TIMEOUT_S} s:\n" + "\n".join(tails))
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{tails[i]}"
     return [dict(np.load(out / f"proc{i}.npz")) for i in range(2)]
 
 
