@@ -7,10 +7,13 @@ candidate at a time, in float64, without sharing any code with jquant.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jquant._calibration.histogram import percent_ratio
 
 import jquant
 from jquant import CalibrationError, CalibrationMethod, calibrate, merge_calibration
@@ -32,8 +35,10 @@ def ref_histogram(absx: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def ref_percentile(hist, edges, p):
-    cdf = np.cumsum(hist) / hist.sum()
-    idx = int(np.searchsorted(cdf, p / 100.0, side="left"))
+    """First bin whose cdf reaches p %, decided on exact integer counts (no float cdf)."""
+    frac = Fraction(str(p)) / 100
+    cum = np.cumsum(np.asarray(hist, np.int64))
+    idx = int(np.argmax(cum * frac.denominator >= cum[-1] * frac.numerator))
     return idx, edges[idx]
 
 
@@ -140,6 +145,57 @@ def test_percentile_matches_reference(kind, p):
     assert float(c.hi) == min(amax, x.max()) and float(c.lo) == max(-amax, x.min())
 
 
+@pytest.mark.parametrize("p", [99.0, 99.9, 99.99])
+def test_percentile_is_exact_on_a_million_relu_normals(p):
+    """Issue 9: the search compared a float cdf. Here a bin's cumulative count is exactly
+    999000 = 99.9 % of 10**6, and 999000 / 10**6 < 99.9 / 100 in float64, so it moved on
+    to the next bin; integer counts stop at the right one."""
+    x = np.maximum(np.random.default_rng(6).standard_normal(10**6, dtype=np.float32), 0)
+    c = calibrate(x, M.Percentile(p))
+    hist, edges = np.asarray(c.hist), np.asarray(c.edges)
+    idx, amax = ref_percentile(hist, edges, p)
+    assert float(c.amax) == amax, (idx, float(c.amax) / float(c.width))
+    cum = np.cumsum(hist.astype(np.int64))
+    assert cum[idx] * 100 >= p * 10**6 > cum[idx - 1] * 100  # numpy's exact reading
+    if p == 99.9:  # the data hits the boundary that a float64 cdf gets wrong
+        assert cum[idx] == 999_000
+        assert np.searchsorted(cum / cum[-1], p / 100.0) == idx + 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_percentile_index_is_exact_for_counts_past_float32(seed):
+    """Counts summing to ~2**31 (float32 holds integers exactly only up to 2**24)."""
+    from jquant._calibration.histogram import percentile_index
+
+    rng = np.random.default_rng(seed)
+    hist = rng.integers(0, 2**20, (3, 2048)).astype(np.int32)
+    hist[1, 1000:] = 0  # a channel with a long empty tail
+    hist[2, :] = 1
+    hist[2, 0] = 2**31 - 2048 - 1  # one huge bin, then single counts
+    for p in (50.0, 99.0, 99.9, 99.99, 99.9999, 100.0, 1e-7, 100 / 3):
+        got = np.asarray(jax.jit(percentile_index, static_argnums=1)(jnp.asarray(hist), p))
+        frac = Fraction(repr(p)) / 100
+        cum = np.cumsum(hist.astype(object), axis=-1)  # Python ints: no overflow
+        want = [int(np.argmax(r * frac.denominator >= r[-1] * frac.numerator)) for r in cum]
+        np.testing.assert_array_equal(got, want, err_msg=str(p))
+
+
+def test_percent_ratio_is_the_decimal_written_or_the_next_fraction_above():
+    assert percent_ratio(99.9) == (999, 1000) and percent_ratio(99.99) == (9999, 10000)
+    assert percent_ratio(100.0) == (1, 1) and percent_ratio(50) == (1, 2)
+    # more digits than the denominator bound: the smallest fraction >= p / 100 within it,
+    # checked against every fraction with a small bound
+    bound = 60
+    rng = np.random.default_rng(0)
+    extra = [float(v) for v in rng.uniform(0, 100, 20)]  # 14-17 significant digits
+    for p in (100 / 3, 99.12345678901, 0.0123456789, 71.4285714286, *extra):
+        f = Fraction(repr(p)) / 100
+        num, den = percent_ratio(p, max_den=bound)
+        assert den <= bound and Fraction(num, den) >= f
+        above = [Fraction(a, b) for b in range(1, bound + 1) for a in range(b + 1)]
+        assert Fraction(num, den) == min(g for g in above if g >= f)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_entropy_matches_reference(kind):
     x = data(kind)
@@ -187,7 +243,7 @@ def test_minmax_and_meanstd_against_float64():
     assert float(c.min) == x.min() and float(c.max) == x.max()
     assert float(c.amax) == np.abs(x).max()
     assert float(c.dynamic_range()) == np.float32(x.max()) - np.float32(x.min())
-    c = calibrate(x, M.MeanStd(30))
+    c = calibrate(x, M.MeanStd(3))
     x64 = x.astype(np.float64)
     mean, std = x64.mean(), x64.std(ddof=0)
     np.testing.assert_allclose(float(c.mean), mean, rtol=1e-6)
@@ -195,14 +251,65 @@ def test_minmax_and_meanstd_against_float64():
     np.testing.assert_allclose(float(c.lo), max(mean - 3 * std, x.min()), rtol=1e-6)
     np.testing.assert_allclose(float(c.hi), min(mean + 3 * std, x.max()), rtol=1e-6)
     np.testing.assert_allclose(float(c.amax), max(abs(mean - 3 * std), mean + 3 * std), rtol=1e-6)
-    assert M.MeanStd(30) == M.MeanStd(3.0) and M.Percentile(999) == M.Percentile(99.9)
+
+
+# ----------------------------------------------------------------------------- method units
+
+
+def test_parameters_are_percents_and_sigmas():
+    assert M.Percentile(99) == M.Percentile(99.0) and M.Percentile(99).param == 99.0
+    assert M.Percentile(100).param == 100.0 and M.Percentile(np.int64(50)).param == 50.0
+    assert M.MeanStd(3) == M.MeanStd(3.0) and M.MeanStd(3).param == 3.0
+    assert M.MeanStd(9).param == 9.0 and M.MeanStd(12.0).param == 12.0
+    assert M.MeanStd(0.5).param == 0.5 and M.MeanStd(np.float32(2.5)).param == 2.5
+    assert repr(M.Percentile(99)) == "CalibrationMethod.Percentile(99.0)"
+    assert repr(M.MeanStd(3)) == "CalibrationMethod.MeanStd(3.0)"
+    # the ranges they give: 99 % of |x|, and mean +- 3 sigma
+    x = data("gauss", 100_000, seed=2)
+    c = calibrate(x, M.Percentile(99))
+    assert float(c.amax) == ref_percentile(np.asarray(c.hist), np.asarray(c.edges), 99)[1]
+    assert abs(np.mean(np.abs(x) <= float(c.amax)) - 0.99) < 0.001
+    c = calibrate(x, M.MeanStd(3))
+    np.testing.assert_allclose(
+        float(c.hi), x.mean(dtype=np.float64) + 3 * x.std(dtype=np.float64), rtol=1e-5
+    )
+
+
+def test_seed_crate_integer_spellings_where_they_cannot_be_misread():
+    assert M.Percentile(999) == M.Percentile(99.9)  # > 100: only per mille makes sense
+    assert M.Percentile(1000).param == 100.0 and M.Percentile(101).param == 10.1
+    assert M.MeanStd(30) == M.MeanStd(3.0)  # >= 20: tenths
+    assert M.MeanStd(20).param == 2.0 and M.MeanStd(np.int32(45)).param == 4.5
+
+
+@pytest.mark.parametrize("k", [10, 12, 19, np.int64(15)])
+def test_ambiguous_meanstd_names_both_readings(k):
+    sig = int(k)
+    with pytest.raises(CalibrationError, match="ambiguous") as e:
+        M.MeanStd(k)
+    msg = str(e.value)
+    assert f"{sig} standard deviations" in msg and f"({sig / 10:g} sigma)" in msg
+    assert f"MeanStd({sig}.0)" in msg and f"MeanStd({sig / 10:g})" in msg
+
+
+def test_percentile_spellings_outside_both_readings_raise():
+    for p in (1001, 5000):
+        with pytest.raises(CalibrationError, match="per mille"):
+            M.Percentile(p)
+    with pytest.raises(CalibrationError, match=r"per-mille form is an int.*Percentile\(999\)"):
+        M.Percentile(999.0)
+    for bad in (True, "99", None):
+        with pytest.raises(CalibrationError, match="takes a number"):
+            M.Percentile(bad)
+        with pytest.raises(CalibrationError, match="takes a number"):
+            M.MeanStd(bad)
 
 
 # ----------------------------------------------------------------------------- streaming
 
 
 @pytest.mark.parametrize(
-    "method", [M.MinMax, M.Percentile(999), M.Entropy, M.MeanStd(30), M.MSE], ids=repr
+    "method", [M.MinMax, M.Percentile(99.9), M.Entropy, M.MeanStd(3), M.MSE], ids=repr
 )
 def test_ten_batches_equal_all_at_once(method):
     rng = np.random.default_rng(7)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -25,9 +27,16 @@ def gguf_quantize(x: np.ndarray, fmt: str) -> np.ndarray:
     return out.view(np.uint8).reshape(*x.shape[:-1], -1)
 
 
+@functools.partial(jax.jit, static_argnames="fmt")
+def _quantize_jit(x: jax.Array, fmt: str) -> jquant.QuantizedTensor:
+    return jquant.quantize_tensor(x, fmt, check=False)
+
+
 def ours(x, fmt: str) -> np.ndarray:
-    q = jax.jit(lambda a: jquant.quantize_tensor(a, fmt, check=False))(jnp.asarray(x))
-    return q.to_bytes()
+    """jquant's bytes under ``jax.jit``: one compile per (shape, dtype, format), reused by
+    every test that quantizes an array of that shape (a fresh ``jax.jit`` per call
+    recompiled every time)."""
+    return _quantize_jit(jnp.asarray(x), fmt).to_bytes()
 
 
 def _ties(rng, scale: float, grid: float, lo: int, hi: int, rows: int = 64) -> np.ndarray:

@@ -19,8 +19,10 @@ Conventions, exactly:
   Grown histograms are stored with ``num_bins * 2**k`` bins (``nbins`` says how many are
   in use; the rest are empty) so that growth recompiles the kernels only a few times.
 * **MinMax**: ``amax = max|x|``; the range is ``(min x, max x)``.
-* **Percentile(p)**: ``cdf = cumsum(h) / sum(h)``; ``idx`` = first bin with
-  ``cdf >= p / 100`` (float64); ``amax = e[idx]`` (left edge, no interpolation).
+* **Percentile(p)**, ``p`` in percent: ``idx`` = first bin with
+  ``cumsum(h) / sum(h) >= p / 100``, decided exactly on the integer counts (int64
+  ``cumsum(h) * den >= sum(h) * num`` with ``p / 100 = num / den``, ``p`` read as the
+  decimal it prints as); ``amax = e[idx]`` (left edge, no interpolation).
 * **Entropy** (KL) for ``nq = 2**(bits-1)`` levels (128 for int8): ``h[0]`` takes the count
   of ``h[1]``; for every candidate ``i = 128 .. num_bins`` (bins kept): ``P = h[:i]`` with the
   sum of ``h[i:]`` added to ``P[i-1]``; ``Q`` = ``h[:i]`` merged into ``nq`` groups (bin ``j``
@@ -31,11 +33,14 @@ Conventions, exactly:
   the centres in float32 with ``scale = (2**(bits-1) - 1) / amax``, round half to even,
   clamp to ``[-2**(bits-1), 2**(bits-1) - 1]``, divide by ``scale``; error
   ``mean((q - c)**2 * h)``; the **first** minimum wins; ``amax = c[i]``.
-* **MeanStd(k)**: ``mean ± k * std`` with the population std (ddof 0), clamped to the data;
-  ``amax = max(|lo|, |hi|)``.
+* **MeanStd(k)**, ``k`` in standard deviations: ``mean ± k * std`` with the population
+  std (ddof 0), clamped to the data; ``amax = max(|lo|, |hi|)``. (The seed crate's integer
+  spellings, ``Percentile(999)`` per mille and ``MeanStd(30)`` tenths, are read only where
+  they can't be misread: see :class:`CalibrationMethod`.)
 * The chosen range of the symmetric methods is ``(-amax, amax)`` with both ends clamped
   into ``[min x, max x]`` (so ``lo <= hi`` even when all the data is on one side).
-* **Search arithmetic**: every candidate is evaluated at once (KL from prefix sums of the
+* **Search arithmetic**: the percentile search is integer arithmetic. For the others,
+  every candidate is evaluated at once (KL from prefix sums of the
   counts, ``O(candidates * nq)``; MSE in batches of 64 candidates), in float64 inside a
   scoped ``jax.enable_x64`` (float32 on TPU, which has no float64), so the chosen bin is
   the one a float64 NumPy loop picks. Bin centres are guarded against FMA contraction.
@@ -73,7 +78,7 @@ from .._errors import CalibrationError
 from .._formats.guards import exact_div
 from .._formats.quant_type import QuantTypeLike
 from . import histogram as H
-from .methods import CalibrationMethod, _is_int, as_method, bits_for
+from .methods import CalibrationMethod, as_method, bits_for, is_int
 
 __all__ = ["CalibrationData", "CalibrationMethod", "calibrate", "merge_calibration"]
 
@@ -256,7 +261,7 @@ def norm_axis(axis, ndim: int) -> tuple[int, ...] | None:
     if axis is None:
         return None
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-    ok = ndim > 0 and axes and all(_is_int(a) and -ndim <= a < ndim for a in axes)
+    ok = ndim > 0 and axes and all(is_int(a) and -ndim <= a < ndim for a in axes)
     if not ok:
         raise CalibrationError(
             f"axis={axis!r} is not a valid channel axis (or tuple of axes) of a {ndim}-d array"
@@ -377,9 +382,9 @@ def calibrate(
         (256, 1)
     """
     method = as_method(method)
-    if not _is_int(num_bins) or num_bins < 1:
+    if not is_int(num_bins) or num_bins < 1:
         raise CalibrationError(f"num_bins must be a positive int, got {num_bins!r}")
-    if not _is_int(bits) or not 2 <= bits <= 16:
+    if not is_int(bits) or not 2 <= bits <= 16:
         raise CalibrationError(f"bits must be an int in [2, 16], got {bits!r}")
     rows, shape, traced = prepare(x, name, axis)
     if bin_width is None:

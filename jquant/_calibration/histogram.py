@@ -8,15 +8,18 @@ Conventions (NVIDIA's, as TensorRT / pytorch-quantization ship them; see
   so the edges equal ``np.linspace(0, amax, 2049, dtype=float32)``. Bins are closed on the
   right so that a value keeps its bin when the histogram later grows (with left-closed
   bins the old maximum, sitting on the old top edge, would move up one bin).
-* Counts are int32 (float32 counts stop being exact past 2**24 per bin).
-* The searches are vectorised over every candidate at once and evaluate their sums in
-  float64 (``jax.enable_x64`` scoped to the search; float32 on TPU), so they pick the same
-  bin as a float64 NumPy implementation of the reference loops.
+* Counts are int32 (float32 counts stop being exact past 2**24 per bin); the percentile
+  search compares integer prefix sums exactly (int64), never a float cdf.
+* The entropy and MSE searches are vectorised over every candidate at once and evaluate
+  their sums in float64 (``jax.enable_x64`` scoped to the search; float32 on TPU), so they
+  pick the same bin as a float64 NumPy implementation of the reference loops; the
+  entropy search's prefix sums of counts are int64, exact on every backend.
 """
 
 from __future__ import annotations
 
 import functools
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ from jax import lax
 from .._formats.guards import exact_div
 
 __all__ = [
+    "wide_dtype",
     "START_BIN",
     "batch_stats",
     "bin_index",
@@ -32,6 +36,8 @@ __all__ = [
     "entropy_index",
     "histogram",
     "mse_index",
+    "percent_ratio",
+    "percentile_index",
 ]
 
 START_BIN = 128
@@ -41,7 +47,7 @@ _I32 = jnp.int32
 _F32 = jnp.float32
 
 
-def _wide():
+def wide_dtype():
     """float64 where the backend has it (CPU, GPU); TPU has no float64."""
     return jnp.float64 if jax.default_backend() != "tpu" else jnp.float32
 
@@ -91,16 +97,48 @@ def histogram(a: jax.Array, width: jax.Array, n: int, valid: jax.Array) -> jax.A
     return counts.reshape(c, n + 1)[:, :n]
 
 
-def percentile_index(hist: jax.Array, frac: float) -> jax.Array:
-    """First bin whose cdf ``cumsum(h) / sum(h)`` reaches ``frac``; ``hist`` is ``[C, n]``."""
+def percent_ratio(percent: float, max_den: int = 2**31) -> tuple[int, int]:
+    """``percent / 100`` as integers ``(num, den)``, ``den <= max_den``.
+
+    ``percent`` is read as the decimal it prints as (``99.9`` is 999/1000, not the binary
+    float's 0.99900000000000000910...). A decimal with more digits than ``max_den`` holds
+    is replaced by the smallest fraction above it with ``den <= max_den``, which compares
+    with every ratio ``cum / total`` (``total <= max_den``) the same way it does.
+    """
+    f = Fraction(repr(float(percent))) / 100
+    if f.denominator <= max_den:
+        return f.numerator, f.denominator
+    # continued fraction of f up to the last convergent with den <= max_den (as
+    # Fraction.limit_denominator); its two semiconvergents bracket f, keep the upper one
+    p0, q0, p1, q1 = 0, 1, 1, 0
+    n, d = f.numerator, f.denominator
+    while True:
+        a = n // d
+        q2 = q0 + a * q1
+        if q2 > max_den:
+            break
+        p0, q0, p1, q1 = p1, q1, p0 + a * p1, q2
+        n, d = d, n - a * d
+    k = (max_den - q0) // q1
+    semi = Fraction(p0 + k * p1, q0 + k * q1)
+    upper = semi if semi >= f else Fraction(p1, q1)
+    return upper.numerator, upper.denominator
+
+
+def percentile_index(hist: jax.Array, percent: float) -> jax.Array:
+    """First bin where ``cumsum(h) >= percent / 100 * sum(h)``; ``hist`` is ``[C, n]``.
+
+    Exact: the counts are summed in int64 and compared as ``cum * den >= total * num``
+    (both below 2**62), so no rounding of a float cdf can move the bin.
+    """
+    num, den = percent_ratio(percent)
+    n = hist.shape[-1]
     with jax.enable_x64(True):
-        wide = _wide()
-        cum = jnp.cumsum(hist.astype(wide), axis=-1)
+        cum = jnp.cumsum(hist.astype(jnp.int64), axis=-1)
         total = cum[:, -1:]
-        cdf = exact_div(cum, jnp.where(total > 0, total, 1.0))  # not cum * (1 / total)
-        hit = cdf >= jnp.asarray(frac, wide)
-        pos = jnp.arange(hist.shape[-1], dtype=_I32)
-        return jnp.min(jnp.where(hit, pos, hist.shape[-1] - 1), axis=-1)
+        hit = cum * den >= total * num
+        pos = jnp.arange(n, dtype=_I32)
+        return jnp.min(jnp.where(hit, pos, n - 1), axis=-1)
 
 
 def _xlogx(v):
@@ -111,11 +149,14 @@ def _entropy_one(hist: jax.Array, nvalid: jax.Array, bits: int) -> jax.Array:
     """Kept-bin count ``i`` minimising KL(P||Q) for one histogram (last minimum)."""
     n = hist.shape[-1]
     nq = 1 << (bits - 1)
-    wide = _wide()
-    b = hist.at[0].set(hist[1]).astype(wide)
+    wide = wide_dtype()
+    bi = hist.at[0].set(hist[1]).astype(jnp.int64)
+    b = bi.astype(wide)
     zero = jnp.zeros(1, wide)
-    csum = jnp.concatenate([zero, jnp.cumsum(b)])  # exact: integers below 2**53
-    nonempty = jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum((b > 0).astype(_I32))])
+    # prefix sums of the counts in integers (a float32 sum, on TPU, stops being exact
+    # past 2**24); the differences below are exact before they are converted
+    csum = jnp.concatenate([jnp.zeros(1, jnp.int64), jnp.cumsum(bi)])
+    nonempty = jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum((bi > 0).astype(_I32))])
     plogp = jnp.concatenate([zero, jnp.cumsum(_xlogx(b))])
 
     i = jnp.arange(START_BIN, n + 1, dtype=_I32)[:, None]  # [K, 1] candidates
@@ -123,11 +164,11 @@ def _entropy_one(hist: jax.Array, nvalid: jax.Array, bits: int) -> jax.Array:
     # group of bin j is (j * nq) // i, so group g is the bins [ceil(g i / nq), ceil((g+1) i / nq))
     start = (g * i + nq - 1) // nq
     stop = ((g + 1) * i + nq - 1) // nq
-    gsum = csum[stop] - csum[start]
+    gsum = (csum[stop] - csum[start]).astype(wide)
     gcnt = (nonempty[stop] - nonempty[start]).astype(wide)
-    total = csum[n]
-    kept = csum[i[:, 0]]
-    tail = total - kept
+    total = csum[n].astype(wide)
+    kept = csum[i[:, 0]].astype(wide)
+    tail = (csum[n] - csum[i[:, 0]]).astype(wide)
     last = b[i[:, 0] - 1]
     plast = last + tail
     # Q_j = gsum / gcnt on non-empty bins; P equals the bins except P[i-1] += tail.
@@ -155,7 +196,7 @@ def entropy_index(hist: jax.Array, nvalid: jax.Array, bits: int = 8) -> jax.Arra
 
 def _mse_one(hist: jax.Array, nvalid: jax.Array, width: jax.Array, bits: int) -> jax.Array:
     n = hist.shape[-1]
-    wide = _wide()
+    wide = wide_dtype()
     qmax = float((1 << (bits - 1)) - 1)
     qmin = float(-(1 << (bits - 1)))
     centres = centre(jnp.arange(n, dtype=_I32), width)
@@ -191,7 +232,7 @@ def batch_stats(rows, width, *, n: int, num_bins: int):
         width = exact_div(absmax, float(num_bins))
     count = jnp.sum(finite, axis=-1, dtype=jnp.int32)
     with jax.enable_x64(True):
-        wide = _wide()
+        wide = wide_dtype()
         xw = jnp.where(finite, rows, 0.0).astype(wide)
         cnt = jnp.maximum(count, 1).astype(wide)
         mean = jnp.sum(xw, axis=-1) / cnt
@@ -223,7 +264,7 @@ def choose(s: dict, *, method, bits: int):
         hi = jnp.minimum(s["mean"] + method.param * std, mx)
         return jnp.maximum(jnp.abs(lo), jnp.abs(hi)), lo, hi
     if method.kind == "Percentile":
-        amax = edges(percentile_index(s["hist"], method.param / 100.0), width)
+        amax = edges(percentile_index(s["hist"], method.param), width)
     elif method.kind == "Entropy":
         amax = edges(entropy_index(s["hist"], s["nbins"], bits), width)
     else:  # MSE: the centre of the chosen bin

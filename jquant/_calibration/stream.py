@@ -141,9 +141,7 @@ def _merge_jit(fa, fb, *, n: int):
         return jnp.pad(h, ((0, 0), (0, n - h.shape[-1])))
 
     with jax.enable_x64(True):
-        from .histogram import _wide
-
-        wide = _wide()
+        wide = H.wide_dtype()
         na, nb = fa["count"].astype(wide), fb["count"].astype(wide)
         tot = jnp.maximum(na + nb, 1.0)
         delta = fb["mean"].astype(wide) - fa["mean"].astype(wide)
