@@ -53,6 +53,98 @@ def _sums(x: jax.Array, w: jax.Array, wx: jax.Array, iscale: jax.Array, nmax: in
     return sumlx, suml2
 
 
+# XLA:CPU runs with subnormals flushed to zero; ggml's C keeps them. Where a product in a
+# comparison can fall below 2**-126 the C result is rebuilt at a 2**96 scale (see
+# :func:`_gradual_product`).
+_SCALE = np.float32(2.0**96)
+_SCALED_MIN_NORMAL = np.float32(2.0 ** (-126 + 96))
+_SCALED_GRID = np.float32(2.0 ** (149 - 96))  # one over the scaled subnormal spacing
+_SPLIT = np.float32(4097.0)  # Veltkamp: 2**12 + 1 splits 24 bits into two halves
+
+
+def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    g = opaque(no_fma(_SPLIT * a))
+    hi = g - opaque(g - a)
+    return hi, a - hi
+
+
+def _gradual_mul(a_scaled: jax.Array, b: jax.Array) -> jax.Array:
+    """``2**96 * fl(a * b)`` with C's gradual underflow, given ``a_scaled = 2**96 * a``.
+
+    The scaled product is normal; when it lies in the scaled subnormal range it is rounded
+    again to the subnormal grid, half to even. A first rounding that lands exactly on a
+    half-way point of that grid is resolved by the sign of the exact rounding error
+    (Dekker's two-product), so the result is the single rounding the C performs.
+    """
+    r = no_fma(a_scaled * b)
+    ah, al = _split(a_scaled)
+    bh, bl = _split(b)
+    err = no_fma(ah * bh) - r
+    err = err + no_fma(ah * bl)
+    err = err + no_fma(al * bh)
+    err = err + no_fma(al * bl)
+    t = r * _SCALED_GRID
+    floor = jnp.floor(t)
+    half = (t - floor) == 0.5
+    q = jnp.round(t)
+    q = jnp.where(half & (err > 0), floor + 1, jnp.where(half & (err < 0), floor, q))
+    return jnp.where(jnp.abs(r) < _SCALED_MIN_NORMAL, q / _SCALED_GRID, r)
+
+
+def _gradual_product(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+    """``2**96 * fl(fl(a * b) * c)`` with C's gradual underflow (valid for ``|a*b*c| < 8``)."""
+    return _gradual_mul(_gradual_mul(a * _SCALE, b), c)
+
+
+_RISKY = np.float32(2.0**-100)
+
+
+def _greater_products(a, b, c, d, e, f, gradual: bool) -> tuple[jax.Array, jax.Array]:
+    """C's ``a*b*c > d*e*f`` (products left to right) and whether it may be wrong.
+
+    Plain float32 agrees with the C unless a product falls below 2**-126, which XLA:CPU
+    flushes to zero; then one side comes out under 2**-100 and the second result flags
+    the lane. With ``gradual`` the lanes whose products are small are compared at the
+    2**96 scale with C's subnormal rounding (the others can't be subnormal).
+    """
+    plain_l = (a * b) * c
+    plain_r = (d * e) * f
+    plain = plain_l > plain_r
+    risky = jnp.minimum(jnp.abs(plain_l), jnp.abs(plain_r)) < _RISKY
+    if not gradual:
+        return plain, risky
+    small = (
+        (jnp.abs(a * b) < 4)
+        & (jnp.abs(d * e) < 4)
+        & (jnp.abs(plain_l) < 4)
+        & (jnp.abs(plain_r) < 4)
+    )
+    one = jnp.float32(1.0)
+    zero = jnp.float32(0.0)
+
+    def safe(v, fill):
+        return jnp.where(small, v, fill)
+
+    left = _gradual_product(safe(a, zero), safe(b, zero), safe(c, one))
+    right = _gradual_product(safe(d, zero), safe(e, zero), safe(f, one))
+    return jnp.where(small, left > right, plain), risky
+
+
+def _plain_then_gradual(search, *args, nmax: int):
+    """``search(*args, gradual=False)``, redone with ``gradual=True`` if any lane was risky.
+
+    ``search`` returns ``(results, risky)``; the rerun (a whole-batch ``lax.cond``) only
+    happens for data whose sums are tiny enough for ggml's arithmetic to go subnormal.
+    """
+    results, risky = search(*args, nmax=nmax, gradual=False)
+    return lax.cond(
+        jnp.any(risky),
+        lambda args: search(*args, nmax=nmax, gradual=True)[0],
+        lambda _: results,
+        args,
+    )
+
+
 def make_qx_quants(x: jax.Array, w: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
     """ggml's ``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` on ``[n, G]`` groups.
 
@@ -67,30 +159,39 @@ def make_qx_quants(x: jax.Array, w: jax.Array, nmax: int) -> tuple[jax.Array, ja
     """
     amax, mx = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
+    best_iscale, scale = _plain_then_gradual(_qx_search, x, w, mx, nmax=nmax)
+    levels = _levels(best_iscale, x, nmax) + nmax
+    return jnp.where(zero, 0.0, scale), jnp.where(zero[None], 0, levels)
+
+
+def _qx_search(x, w, mx, nmax: int, gradual: bool):
     wx = w * x
     iscale = exact_div(jnp.float32(-nmax), mx)
     sumlx, suml2 = _sums(x, w, wx, iscale, nmax)
     scale = jnp.where(suml2 != 0, exact_div(sumlx, jnp.where(suml2 != 0, suml2, 1.0)), 0.0)
-    best = scale * sumlx
     # -(nmax + 0.1f*is) for is = -9..9, is != 0, rounded as the C does.
     steps = np.array([i for i in range(-9, 10) if i != 0], np.float32)
     numerators = jnp.asarray(-(np.float32(nmax) + np.float32(0.1) * steps))
 
     def candidate(k, carry):
-        best_iscale, scale, best = carry
+        # best = scale * best_sumlx is rebuilt at each comparison, as C's stored product.
+        best_iscale, scale, best_sumlx, risky = carry
         iscale = exact_div(numerators[k], mx)
         sumlx, suml2 = _sums(x, w, wx, iscale, nmax)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        one = jnp.ones_like(sumlx)
+        wins, unsure = _greater_products(sumlx, sumlx, one, scale, best_sumlx, suml2, gradual)
+        better = (suml2 > 0) & wins
         new_scale = exact_div(sumlx, jnp.where(better, suml2, 1.0))
         return (
             jnp.where(better, iscale, best_iscale),
             jnp.where(better, new_scale, scale),
-            jnp.where(better, new_scale * sumlx, best),
+            jnp.where(better, sumlx, best_sumlx),
+            risky | ((suml2 > 0) & unsure),
         )
 
-    best_iscale, scale, _ = lax.fori_loop(0, len(steps), candidate, (iscale, scale, best))
-    levels = _levels(best_iscale, x, nmax) + nmax
-    return jnp.where(zero, 0.0, scale), jnp.where(zero[None], 0, levels)
+    carry = (iscale, scale, sumlx, jnp.zeros(sumlx.shape, bool))
+    best_iscale, scale, _, risky = lax.fori_loop(0, len(steps), candidate, carry)
+    return (best_iscale, scale), risky
 
 
 def make_q3_quants(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
@@ -104,9 +205,16 @@ def make_q3_quants(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
     Returns:
       ``(scale, L)`` as :func:`make_qx_quants`.
     """
-    n = x.shape[0]
     amax, mx = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
+    levels, sumlx, suml2 = _plain_then_gradual(_q3_search, x, mx, nmax=nmax)
+    scale = jnp.where(suml2 > 0, exact_div(sumlx, jnp.where(suml2 > 0, suml2, 1.0)), 0.0)
+    levels = levels.astype(jnp.int32) + nmax
+    return jnp.where(zero, 0.0, scale), jnp.where(zero[None], 0, levels)
+
+
+def _q3_search(x, mx, nmax: int, gradual: bool):
+    n = x.shape[0]
     iscale = exact_div(jnp.float32(-nmax), mx)
     w = x * x
     wx = w * x
@@ -115,7 +223,7 @@ def make_q3_quants(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
     suml2 = sequential_sum(no_fma((w * levels) * levels), axis=0)
 
     def one_pass(_, carry):
-        levels, sumlx, suml2 = carry
+        levels, sumlx, suml2, risky = carry
         rows = [levels[i] for i in range(n)]
         for i in range(n):
             li = rows[i]
@@ -126,15 +234,15 @@ def make_q3_quants(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
             new_l = jnp.clip(nearest_int(ratio), -nmax, nmax - 1).astype(jnp.float32)
             slx = slx + no_fma(wx[i] * new_l)
             sl2 = sl2 + no_fma((w[i] * new_l) * new_l)
-            take = (
-                positive & (new_l != li) & (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
-            )
+            asked = positive & (new_l != li) & (sl2 > 0)
+            wins, unsure = _greater_products(slx, slx, suml2, sumlx, sumlx, sl2, gradual)
+            take = asked & wins
+            risky = risky | (asked & unsure)
             rows[i] = jnp.where(take, new_l, li)
             sumlx = jnp.where(take, slx, sumlx)
             suml2 = jnp.where(take, sl2, suml2)
-        return jnp.stack(rows), sumlx, suml2
+        return jnp.stack(rows), sumlx, suml2, risky
 
-    levels, sumlx, suml2 = lax.fori_loop(0, 5, one_pass, (levels, sumlx, suml2))
-    scale = jnp.where(suml2 > 0, exact_div(sumlx, jnp.where(suml2 > 0, suml2, 1.0)), 0.0)
-    levels = levels.astype(jnp.int32) + nmax
-    return jnp.where(zero, 0.0, scale), jnp.where(zero[None], 0, levels)
+    carry = (levels, sumlx, suml2, jnp.zeros(sumlx.shape, bool))
+    levels, sumlx, suml2, risky = lax.fori_loop(0, 5, one_pass, carry)
+    return (levels, sumlx, suml2), risky
