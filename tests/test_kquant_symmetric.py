@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jquant._formats import guards, symmetric_search
 from jquant._formats import kquant_symmetric as ks
+from jquant._formats import symmetric_search
 
 from . import _ggml_oracle as oracle
 
@@ -115,7 +115,9 @@ def _quantize(name: str, x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 def _assert_rows_equal(name: str, got: np.ndarray, want: np.ndarray) -> None:
     assert got.shape == want.shape
     bad = (got != want).reshape(got.shape[0], -1, BLOCK_BYTES[name]).any(-1)
-    assert not bad.any(), f"{name}: {bad.sum()} of {bad.size} blocks differ, first {np.argwhere(bad)[:5]}"
+    assert not bad.any(), (
+        f"{name}: {bad.sum()} of {bad.size} blocks differ, first {np.argwhere(bad)[:5]}"
+    )
 
 
 VECTORS = oracle.vectors()
@@ -125,8 +127,14 @@ CASES = sorted(k.split("/", 1)[1] for k in VECTORS if k.startswith("x/"))
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize(
     ("name", "imatrix"),
-    [("Q6_K", False), ("Q6_K", True), ("Q3_K", False), ("Q3_K", True), ("Q4_0", True),
-     ("Q5_0", True)],
+    [
+        ("Q6_K", False),
+        ("Q6_K", True),
+        ("Q3_K", False),
+        ("Q3_K", True),
+        ("Q4_0", True),
+        ("Q5_0", True),
+    ],
 )
 def test_npz_vectors(name: str, imatrix: bool, case: str) -> None:
     qw = VECTORS[f"imatrix/{case}"] if imatrix else None
@@ -142,11 +150,115 @@ N_ROWS, N_COLS = 256, 2048  # 2048 K-quant blocks, 16384 legacy blocks per call
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize(
     ("name", "imatrix"),
-    [("Q6_K", False), ("Q6_K", True), ("Q3_K", False), ("Q3_K", True), ("Q4_0", True),
-     ("Q5_0", True)],
+    [
+        ("Q6_K", False),
+        ("Q6_K", True),
+        ("Q3_K", False),
+        ("Q3_K", True),
+        ("Q4_0", True),
+        ("Q5_0", True),
+    ],
 )
 def test_random_blocks_match_libggml(name: str, imatrix: bool, seed: int) -> None:
     x = random_rows(seed, N_ROWS, N_COLS)
     qw = random_imatrix(seed + 100, N_COLS) if imatrix else None
     want = oracle.ggml_quantize(x, FORMATS[name][0], qw)
     _assert_rows_equal(name, _quantize(name, x, qw), want)
+
+
+@pytest.mark.parametrize("name", ["Q6_K", "Q3_K"])
+def test_dequantize_matches_gguf_on_quantized_bytes(name: str) -> None:
+    x = random_rows(7, 64, 1024)
+    _, spec, plain, _ = FORMATS[name]
+    fields = plain(x)
+    got = np.asarray(DEQUANTIZE[name](fields)).reshape(x.shape)
+    want = gguf.quants.dequantize(to_bytes(fields, spec), FORMATS[name][0])
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["Q6_K", "Q3_K"])
+def test_dequantize_matches_gguf_on_random_bytes(name: str) -> None:
+    rng = np.random.default_rng(3)
+    _, spec, _, _ = FORMATS[name]
+    raw = rng.integers(0, 256, size=(32, 4 * BLOCK_BYTES[name]), dtype=np.uint8)
+    fields = from_bytes(raw, spec)
+    # Any finite fp16 scale, subnormals and signed zeros included.
+    d = rng.integers(0, 0x7C00, size=fields["d"].shape).astype(np.uint16)
+    d |= rng.integers(0, 2, size=d.shape).astype(np.uint16) << 15
+    fields["d"] = d.view(np.float16)
+    raw = to_bytes(fields, spec)
+    got = np.asarray(DEQUANTIZE[name]({k: jnp.asarray(v) for k, v in fields.items()}))
+    want = gguf.quants.dequantize(raw, FORMATS[name][0])
+    np.testing.assert_array_equal(got.reshape(want.shape).view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["Q6_K", "Q3_K", "Q4_0", "Q5_0"])
+def test_leading_axes_and_vmap(name: str) -> None:
+    x = random_rows(11, 8, 512)
+    qw = random_imatrix(12, 512)
+    _, spec, plain, weighted = FORMATS[name]
+    flat = weighted(x, qw)
+    nested = weighted(x.reshape(2, 4, 512), qw)
+    mapped = jax.vmap(weighted, in_axes=(0, None))(x.reshape(2, 4, 512), qw)
+    for leaf, _, shape in spec:
+        assert nested[leaf].shape == (2, 4, flat[leaf].shape[1], *shape)
+        np.testing.assert_array_equal(
+            np.asarray(nested[leaf]).reshape(flat[leaf].shape), flat[leaf]
+        )
+        np.testing.assert_array_equal(
+            np.asarray(mapped[leaf]).reshape(flat[leaf].shape), flat[leaf]
+        )
+
+
+@pytest.mark.parametrize(
+    ("fn", "x", "qw", "match"),
+    [
+        (ks.quantize_q6_k, np.zeros((2, 100), np.float32), None, "multiple of 256"),
+        (ks.quantize_q3_k, np.zeros((2, 256), np.float32), np.ones(128, np.float32), "per column"),
+        (ks.quantize_q4_0_weighted, np.zeros((2, 40), np.float32), np.ones(40, np.float32), "32"),
+        (
+            ks.quantize_q5_0_weighted,
+            np.zeros((64,), np.float32),
+            np.ones(32, np.float32),
+            "per column",
+        ),
+    ],
+)
+def test_bad_shapes_are_rejected(fn, x, qw, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        fn(x) if qw is None else fn(x, qw)
+
+
+# Each guard, removed, and data on which that breaks the bytes while the guarded kernel
+# matches: C-order sums (jnp.sum is a tree), unfused products (XLA contracts the
+# ``sigma2 + x*x`` under the square root into an FMA), subnormal-faithful comparisons
+# (XLA:CPU flushes the tiny products of Q3_K's descent to zero on blocks of ~1e-5).
+NAIVE = {
+    "sequential_sum": ("Q4_0", 0, lambda t, axis=-1: jnp.sum(t, axis=axis)),
+    "no_fma": ("Q5_0", 0, lambda p: p),
+    "_plain_then_gradual": ("Q3_K", None, None),
+}
+
+
+@needs_ggml
+@pytest.mark.parametrize("guard", sorted(NAIVE))
+def test_naive_port_fails_where_guarded_passes(guard: str, monkeypatch) -> None:
+    name, imatrix_seed, replacement = NAIVE[guard]
+    x = random_rows(1, N_ROWS, N_COLS)
+    qw = None if imatrix_seed is None else random_imatrix(imatrix_seed, N_COLS)
+    want = oracle.ggml_quantize(x, FORMATS[name][0], qw)
+    _assert_rows_equal(name, _quantize(name, x, qw), want)
+    if guard == "_plain_then_gradual":
+        monkeypatch.setattr(
+            symmetric_search,
+            guard,
+            lambda search, *args, nmax: search(*args, nmax=nmax, gradual=False)[0],
+        )
+    else:
+        for module in (symmetric_search, ks):
+            if hasattr(module, guard):
+                monkeypatch.setattr(module, guard, replacement)
+    fn = ks.quantize_q3_k if name == "Q3_K" else FORMATS[name][3].__wrapped__
+    naive = jax.jit(lambda x, qw: fn(x) if qw is None else fn(x, qw), static_argnums=())
+    got = to_bytes(naive(x, qw), FORMATS[name][1])
+    assert not np.array_equal(got, want), f"{guard} made no difference on this data"
