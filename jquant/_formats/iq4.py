@@ -125,13 +125,31 @@ def _first_absmax(x: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.where(jnp.squeeze(amax, axis) > 0, picked, jnp.float32(0.0))
 
 
-def _sums(xg: jax.Array, w: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``sumqx = Σ w·q·x``, ``sumq2 = Σ w·q·q`` over axis 0, in C's order and rounding."""
-    wq = w * q
-    return sequential_sum(no_fma(wq * xg), axis=0), sequential_sum(no_fma(wq * q), axis=0)
-
-
 _GRID_F32 = IQ4_GRID.astype(np.float32)
+_CHUNK = 16384
+"""Groups of 32 per ``lax.map`` step: the [16, chunk] candidate sums stay in cache."""
+
+
+def _candidate_sums(ids: jax.Array, xg: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``sumqx = Σ_j w·q·x`` and ``sumq2 = Σ_j w·q·q`` for every candidate reciprocal scale.
+
+    ``ids`` is ``[n_cand, n]``, ``xg`` and ``w`` are ``[32, n]``. The loop runs over the 32
+    values of a group in C's order, each step one fused pass over ``[n_cand, n]``; products
+    are rounded before they are added.
+    """
+
+    def step(xj, wj):
+        q = best_index(ids * xj, _GRID_F32)
+        wq = wj * q
+        return no_fma(wq * xj), no_fma(wq * q)
+
+    def body(j, sums):
+        xj = lax.dynamic_index_in_dim(xg, j, 0)
+        wj = lax.dynamic_index_in_dim(w, j, 0)
+        tx, t2 = step(xj, wj)
+        return sums[0] + tx, sums[1] + t2
+
+    return lax.fori_loop(1, _GROUP, body, step(xg[:1], w[:1]))
 
 
 def _group_scales(xg: jax.Array, w: jax.Array) -> jax.Array:
@@ -141,32 +159,23 @@ def _group_scales(xg: jax.Array, w: jax.Array) -> jax.Array:
     """
     mx = _first_absmax(xg)
     skip = jnp.abs(mx) < _GROUP_MAX_EPS
-    mx = jnp.where(skip, jnp.float32(1.0), mx)  # keep skipped groups' arithmetic finite
-    d = exact_div(-mx, _GRID_F32[0])
-    id_ = exact_div(jnp.float32(1.0), d)
-    sumqx, sumq2 = _sums(xg, w, best_index(id_[None] * xg, _GRID_F32))
-    pos = sumq2 > 0
-    d = jnp.where(pos, exact_div(sumqx, jnp.where(pos, sumq2, 1.0)), jnp.float32(0.0))
-    best = d * sumqx
+    mx = jnp.where(skip, jnp.float32(1.0), mx)[None]  # keep skipped groups' arithmetic finite
+    # Candidate 0 is 1/(max/127); then (itry - 127)/max for itry = -7..7. All 16 are
+    # evaluated in one pass over the data (selecting among them is cheap, in C's order).
+    id0 = exact_div(jnp.float32(1.0), exact_div(-mx, _GRID_F32[0]))
+    tries = np.arange(-_NTRY, _NTRY + 1, dtype=np.float32)[:, None] + _GRID_F32[0]
+    idk = exact_div(jnp.broadcast_to(tries, (2 * _NTRY + 1, mx.shape[1])), mx)
+    sumqx, sumq2 = _candidate_sums(jnp.concatenate([id0, idk]), xg, w)
 
-    def body(i, carry):
-        d, best = carry
-        id_ = exact_div(i.astype(jnp.float32) + _GRID_F32[0], mx)
-        sumqx, sumq2 = _sums(xg, w, best_index(id_[None] * xg, _GRID_F32))
-        take = (sumq2 > 0) & (no_fma(sumqx * sumqx) > no_fma(best * sumq2))
-        d_new = exact_div(sumqx, jnp.where(take, sumq2, 1.0))
-        return jnp.where(take, d_new, d), jnp.where(take, d_new * sumqx, best)
-
-    d, _ = lax.fori_loop(-_NTRY, _NTRY + 1, body, (d, best))
+    pos = sumq2[0] > 0
+    d = jnp.where(pos, exact_div(sumqx[0], jnp.where(pos, sumq2[0], 1.0)), jnp.float32(0.0))
+    best = d * sumqx[0]
+    for k in range(1, 2 * _NTRY + 2):
+        sx, s2 = sumqx[k], sumq2[k]
+        take = (s2 > 0) & (no_fma(sx * sx) > no_fma(best * s2))
+        d_new = exact_div(sx, jnp.where(take, s2, 1.0))
+        d, best = jnp.where(take, d_new, d), jnp.where(take, d_new * sx, best)
     return jnp.where(skip, jnp.float32(0.0), d)
-
-
-def _weights(xg: jax.Array, qw: jax.Array | None, sigma2: jax.Array | None) -> jax.Array:
-    """``x²``, or ``qw · sqrt(σ² + x²)`` with importance weights."""
-    x2 = no_fma(xg * xg)
-    if qw is None:
-        return x2
-    return qw * jnp.sqrt(sigma2 + x2)
 
 
 def _sigma2(x2: jax.Array) -> jax.Array:
@@ -181,10 +190,12 @@ def _recip_or_zero(d: jax.Array) -> jax.Array:
     return jnp.where(nz, exact_div(jnp.float32(1.0), jnp.where(nz, d, 1.0)), jnp.float32(0.0))
 
 
-def _pack_nibbles(idx: jax.Array) -> jax.Array:
-    """``[..., 32]`` indices → ``[..., 16]`` bytes: element j low nibble, j + 16 high nibble."""
+def _pack_nibbles(idx: jax.Array, axis: int) -> jax.Array:
+    """32 indices along ``axis`` → 16 bytes: element j low nibble, j + 16 high nibble."""
     idx = idx.astype(jnp.uint8)
-    return idx[..., :16] | (idx[..., 16:] << 4)
+    lo = lax.slice_in_dim(idx, 0, 16, axis=axis)
+    hi = lax.slice_in_dim(idx, 16, 32, axis=axis)
+    return lo | (hi << 4)
 
 
 def _check(x: jax.Array, qw: jax.Array | None, block: int, name: str) -> tuple[jax.Array, ...]:
@@ -207,6 +218,39 @@ def _check(x: jax.Array, qw: jax.Array | None, block: int, name: str) -> tuple[j
     return x, jnp.broadcast_to(qw, x.shape)
 
 
+def _map_blocks(core, x: jax.Array, qw: jax.Array | None, block: int, chunk: int):
+    """Run ``core`` on ``[32, block // 32, c]`` slabs of ``x``'s blocks (value axis first).
+
+    Blocks are padded with zeros to a whole number of slabs of at most ``chunk`` blocks, and
+    the slabs run one after another (``lax.map``) so the search's temporaries stay in cache.
+    ``core(xs, qws)`` returns arrays whose last axis is the block axis.
+    """
+    n = x.size // block
+    n_slabs = -(-n // chunk)
+    c = -(-n // n_slabs)
+    args = [x] if qw is None else [x, qw]
+    slabs = []
+    for a in args:
+        a = a.reshape(n, block // _GROUP, _GROUP)
+        a = jnp.pad(a, ((0, n_slabs * c - n), (0, 0), (0, 0)))
+        slabs.append(a.reshape(n_slabs, c, block // _GROUP, _GROUP).transpose(0, 3, 2, 1))
+    if qw is None:
+        out = lax.map(lambda xs: core(xs, None), slabs[0])
+    else:
+        out = lax.map(lambda a: core(*a), tuple(slabs))
+    # [n_slabs, ..., c] → [n, ...]
+    return [jnp.moveaxis(o, -1, 1).reshape(n_slabs * c, *o.shape[1:-1])[:n] for o in out]
+
+
+def _nl_core(xs: jax.Array, qws: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    xg = xs[:, 0]  # [32, c]
+    x2 = no_fma(xg * xg)
+    w = x2 if qws is None else qws[:, 0] * jnp.sqrt(_sigma2(x2)[None] + x2)
+    d = _group_scales(xg, w)
+    idx = best_index(_recip_or_zero(d)[None] * xg)
+    return d.astype(jnp.float16), _pack_nibbles(idx, axis=0)
+
+
 def quantize_iq4_nl(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Array]:
     """IQ4_NL blocks of float32 rows, byte-identical to ``ggml_quantize_chunk``.
 
@@ -225,16 +269,33 @@ def quantize_iq4_nl(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.
     """
     x, qw = _check(x, qw, _GROUP, "quantize_iq4_nl")
     lead = x.shape[:-1] + (x.shape[-1] // _GROUP,)
-    xg = x.reshape(-1, _GROUP).T  # [32, n_groups]: sums over the 32 run across lanes
-    x2 = no_fma(xg * xg)
-    wg = None if qw is None else qw.reshape(-1, _GROUP).T
-    w = _weights(xg, wg, None if qw is None else _sigma2(x2)[None])
-    d = _group_scales(xg, w)
-    idx = best_index(_recip_or_zero(d)[None] * xg)
-    return {
-        "d": d.astype(jnp.float16).reshape(lead),
-        "qs": _pack_nibbles(idx.T).reshape(*lead, 16),
-    }
+    d, qs = _map_blocks(_nl_core, x, qw, _GROUP, _CHUNK)
+    return {"d": d.reshape(lead), "qs": qs.reshape(*lead, 16)}
+
+
+def _xs_core(xs: jax.Array, qws: jax.Array | None) -> tuple[jax.Array, ...]:
+    n_groups, c = xs.shape[1], xs.shape[2]
+    x2 = no_fma(xs * xs)  # [32, 8, c]
+    if qws is None:
+        w = x2
+    else:
+        # σ² runs over all 256 values in memory order: group by group, value by value.
+        sigma2 = _sigma2(x2.transpose(1, 0, 2).reshape(_SUPER, c))
+        w = qws * jnp.sqrt(sigma2[None, None] + x2)
+    scales = _group_scales(xs.reshape(_GROUP, -1), w.reshape(_GROUP, -1)).reshape(n_groups, c)
+
+    max_scale = _first_absmax(scales)
+    d = -max_scale / jnp.float32(32.0)  # a power of two: exact
+    ls = jnp.clip(nearest_int(_recip_or_zero(d)[None] * scales), -32, 31)
+    dl = d[None] * ls.astype(jnp.float32)
+    idx = best_index(_recip_or_zero(dl)[None] * xs)  # [32, 8, c]
+
+    lu = (ls + 32).astype(jnp.uint16)  # [8, c]
+    scales_l = ((lu[0::2] & 0xF) | ((lu[1::2] & 0xF) << 4)).astype(jnp.uint8)  # [4, c]
+    shifts = (2 * jnp.arange(n_groups, dtype=jnp.uint16))[:, None]
+    scales_h = jnp.sum((lu >> 4) << shifts, axis=0, dtype=jnp.uint16)
+    qs = _pack_nibbles(idx, axis=0).transpose(1, 0, 2).reshape(n_groups * 16, c)
+    return d.astype(jnp.float16), scales_h, scales_l, qs
 
 
 def quantize_iq4_xs(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -250,37 +311,12 @@ def quantize_iq4_xs(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.
     """
     x, qw = _check(x, qw, _SUPER, "quantize_iq4_xs")
     lead = x.shape[:-1] + (x.shape[-1] // _SUPER,)
-    n_groups = _SUPER // _GROUP
-    xs = x.reshape(-1, n_groups, _GROUP).transpose(2, 1, 0)  # [32, 8, n_super]
-    x2 = no_fma(xs * xs)
-    sigma2 = None
-    if qw is not None:
-        # σ² runs over all 256 values in memory order: group by group, value by value.
-        sigma2 = _sigma2(x2.transpose(1, 0, 2).reshape(_SUPER, -1))
-        qs_ = qw.reshape(-1, n_groups, _GROUP).transpose(2, 1, 0)
-        w = qs_ * jnp.sqrt(sigma2[None, None] + x2)
-    else:
-        w = x2
-    n_super = xs.shape[-1]
-    scales = _group_scales(xs.reshape(_GROUP, -1), w.reshape(_GROUP, -1))
-    scales = scales.reshape(n_groups, n_super)
-
-    max_scale = _first_absmax(scales)
-    d = -max_scale / jnp.float32(32.0)  # a power of two: exact
-    ls = jnp.clip(nearest_int(_recip_or_zero(d)[None] * scales), -32, 31)
-    dl = d[None] * ls.astype(jnp.float32)
-    idl = _recip_or_zero(dl)  # [8, n_super]
-    idx = best_index(idl[None] * xs)  # [32, 8, n_super]
-
-    lu = (ls + 32).astype(jnp.uint16)  # [8, n_super]
-    scales_l = ((lu[0::2] & 0xF) | ((lu[1::2] & 0xF) << 4)).astype(jnp.uint8)  # [4, n_super]
-    shifts = (2 * jnp.arange(n_groups, dtype=jnp.uint16))[:, None]
-    scales_h = jnp.sum((lu >> 4) << shifts, axis=0, dtype=jnp.uint16)
-    qs = _pack_nibbles(idx.transpose(2, 1, 0))  # [n_super, 8, 16]
+    chunk = _CHUNK // (_SUPER // _GROUP)
+    d, scales_h, scales_l, qs = _map_blocks(_xs_core, x, qw, _SUPER, chunk)
     return {
-        "d": d.astype(jnp.float16).reshape(lead),
+        "d": d.reshape(lead),
         "scales_h": scales_h.reshape(lead),
-        "scales_l": scales_l.T.reshape(*lead, 4),
+        "scales_l": scales_l.reshape(*lead, 4),
         "qs": qs.reshape(*lead, 128),
     }
 
