@@ -197,7 +197,7 @@ def test_dequantize_equals_gguf(fmt):
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_shapes_vmap_and_eager(fmt):
+def test_shapes_and_vmap(fmt):
     quant, _, spec, block = FORMATS[fmt]
     rng = np.random.default_rng(3)
     x = random_rows(rng, 6, 2 * block).reshape(2, 3, 2 * block)
@@ -207,10 +207,8 @@ def test_shapes_vmap_and_eager(fmt):
         assert fields[name].shape == (2, 3, 2, *shape) and fields[name].dtype == dt
     flat = to_bytes(QUANT[fmt](x.reshape(6, -1), qw), spec)
     np.testing.assert_array_equal(to_bytes(fields, spec).reshape(6, -1), flat)
-    vm = jax.vmap(lambda r: quant(r, jnp.asarray(qw)))(jnp.asarray(x))
+    vm = jax.jit(jax.vmap(lambda r: quant(r, jnp.asarray(qw))))(jnp.asarray(x))
     np.testing.assert_array_equal(to_bytes(vm, spec).reshape(6, -1), flat)
-    eager = quant(jnp.asarray(x[0, :1]), jnp.asarray(qw))
-    np.testing.assert_array_equal(to_bytes(eager, spec), flat[:1])
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
