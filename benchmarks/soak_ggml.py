@@ -1,0 +1,193 @@
+"""Soak test: millions of random blocks per format, jquant's bytes vs libggml's ggml_quantize_chunk.
+
+    python benchmarks/soak_ggml.py                      # 10**6 blocks per format and mode
+    python benchmarks/soak_ggml.py --blocks 100000 --formats IQ4_NL Q4_0
+
+Each format in ``KERNELS`` runs on chunks of random rows (mixed distributions, per-row
+scales 1e-5..1e3, outlier columns, .5 ties, zero and constant blocks, negative extremes), with
+a fresh random importance matrix (non-negative, with zeros) per chunk for the weighted mode,
+and counts the blocks whose bytes differ from libggml's. Prints a markdown table.
+
+Adding a format is one ``Kernel`` line. A kernel module following the kernel interface
+(``quantize_x(x, qw) -> fields`` and ``FIELDS_X``) goes through :func:`fields_kernel`:
+
+    from jquant._formats import kquants
+    Kernel("Q4_K", 12, 256, fields_kernel(kquants.quantize_q4_k, kquants.FIELDS_Q4_K))
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT.parent / "tests"))
+from _common import machine, md_table  # noqa: E402
+from _ggml_oracle import HAVE_GGML, ggml_quantize  # noqa: E402
+
+import jquant  # noqa: E402
+from jquant._formats import iq4  # noqa: E402
+
+Quantize = Callable[[jax.Array, jax.Array | None], np.ndarray]
+"""``(x [rows, n] float32, qw [n] | None) -> uint8 [rows, row_bytes]`` in ggml's layout."""
+
+
+def fields_to_bytes(fields: dict[str, jax.Array], spec) -> np.ndarray:
+    """Kernel fields ``[rows, n_blocks, *shape]`` → ggml's bytes ``[rows, n_blocks * size]``.
+
+    ``spec`` is a ``FIELDS_X`` tuple: (name, little-endian dtype, per-block shape) in ggml's
+    byte order.
+    """
+    parts = []
+    for name, dt, shape in spec:
+        a = np.ascontiguousarray(np.asarray(fields[name]).astype(dt))
+        parts.append(a.view(np.uint8).reshape(*a.shape[: a.ndim - len(shape)], -1))
+    out = np.concatenate(parts, axis=-1)
+    return out.reshape(out.shape[0], -1)
+
+
+def fields_kernel(quantize_fn: Callable[..., dict[str, jax.Array]], spec) -> Quantize:
+    """A :data:`Quantize` from a kernel-interface ``quantize_x`` and its ``FIELDS_X``."""
+    f = jax.jit(quantize_fn)
+    return lambda x, qw: fields_to_bytes(f(x, qw), spec)
+
+
+def tensor_kernel(fmt: str) -> Quantize:
+    """A :data:`Quantize` through the public ``jquant.quantize_tensor`` (no importance weights)."""
+    f = jax.jit(lambda x: jquant.quantize_tensor(x, fmt, check=False))
+
+    def run(x, qw):
+        assert qw is None, f"{fmt} has no importance-weighted path in jquant"
+        return f(x).to_bytes()
+
+    return run
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    ggml_type: int
+    block: int
+    quantize: Quantize
+    imatrix: bool = True  # whether the kernel takes importance weights
+
+
+KERNELS = [
+    Kernel("IQ4_NL", 20, 32, fields_kernel(iq4.quantize_iq4_nl, iq4.FIELDS_IQ4_NL)),
+    Kernel("IQ4_XS", 23, 256, fields_kernel(iq4.quantize_iq4_xs, iq4.FIELDS_IQ4_XS)),
+    Kernel("Q4_0", 2, 32, tensor_kernel("q4_0"), imatrix=False),
+    Kernel("Q4_1", 3, 32, tensor_kernel("q4_1"), imatrix=False),
+    Kernel("Q5_0", 6, 32, tensor_kernel("q5_0"), imatrix=False),
+    Kernel("Q5_1", 7, 32, tensor_kernel("q5_1"), imatrix=False),
+    Kernel("Q8_0", 8, 32, tensor_kernel("q8_0"), imatrix=False),
+]
+
+
+def random_rows(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """Mixed distributions and scales, with the blocks ggml treats specially (32-value groups)."""
+    kind = rng.integers(0, 6, (rows, 1))
+    x = np.select(
+        [kind == 0, kind == 1, kind == 2, kind == 3, kind == 4],
+        [
+            rng.standard_normal((rows, n)),
+            rng.laplace(size=(rows, n)),
+            rng.uniform(0, 3, (rows, n)),
+            rng.integers(-16, 17, (rows, n)) * 0.5,
+            rng.standard_normal((rows, n)) * np.where(rng.random(n) < 0.02, 25.0, 1.0),
+        ],
+        rng.standard_t(2, (rows, n)),
+    )
+    x = x * 10.0 ** rng.uniform(-5, 3, (rows, 1))
+    groups = x.reshape(rows, -1, 32)
+    pick = rng.random(groups.shape[:2])
+    groups[pick < 0.01] = 0.0
+    const = (pick >= 0.01) & (pick < 0.02)
+    groups[const] = rng.standard_normal((int(const.sum()), 1))
+    neg = (pick >= 0.02) & (pick < 0.04)
+    groups[neg, 5] = -np.abs(groups[neg]).max(-1) * 2
+    tie = (pick >= 0.04) & (pick < 0.05)
+    groups[tie, 3] = -np.abs(groups[tie]).max(-1) - 1
+    groups[tie, 9] = -groups[tie, 3]
+    return x.astype(np.float32)
+
+
+def random_imatrix(rng: np.random.Generator, n: int) -> np.ndarray:
+    qw = rng.exponential(1.0, n) * 10.0 ** rng.uniform(-3, 3)
+    qw[rng.random(n) < 0.05] = 0.0
+    return qw.astype(np.float32)
+
+
+def soak(kernel: Kernel, weighted: bool, blocks: int, n: int, chunk_values: int, seed: int):
+    """(mismatching blocks, blocks run, first-call seconds, jquant seconds, ggml seconds).
+
+    The first chunk's call (which compiles) is timed apart; it is checked like the others.
+    """
+    rng = np.random.default_rng([seed, kernel.ggml_type, weighted])
+    rows = max(1, chunk_values // n)
+    per_chunk = rows * n // kernel.block
+    bad = done = 0
+    t_first = t_ours = t_ggml = 0.0
+    while done < blocks:
+        x = random_rows(rng, rows, n)
+        qw = random_imatrix(rng, n) if weighted else None
+        xj, qwj = jnp.asarray(x), None if qw is None else jnp.asarray(qw)
+        t = time.perf_counter()
+        ours = kernel.quantize(xj, qwj)
+        if done == 0:
+            t_first = time.perf_counter() - t
+        else:
+            t_ours += time.perf_counter() - t
+        t = time.perf_counter()
+        ref = ggml_quantize(x, kernel.ggml_type, qw)
+        t_ggml += time.perf_counter() - t
+        size = ref.shape[1] * kernel.block // n
+        bad += int((ours.reshape(-1, size) != ref.reshape(-1, size)).any(-1).sum())
+        done += per_chunk
+    return bad, done, t_first, t_ours, t_ggml
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, default=10**6, help="blocks per format and mode")
+    p.add_argument("--formats", nargs="*", help="names from KERNELS (default: all)")
+    p.add_argument("--cols", type=int, default=4096, help="row length (a multiple of 256)")
+    p.add_argument("--chunk-values", type=int, default=1 << 22, help="values per chunk")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if not HAVE_GGML:
+        sys.exit("libggml (llama-cpp-python) is needed: it is the oracle")
+    kernels = [k for k in KERNELS if not args.formats or k.name in args.formats]
+    rows = []
+    for k in kernels:
+        for weighted in (False, True) if k.imatrix else (False,):
+            bad, done, t_first, t_ours, t_ggml = soak(
+                k, weighted, args.blocks, args.cols, args.chunk_values, args.seed
+            )
+            rows.append(
+                [
+                    k.name,
+                    "yes" if weighted else "no",
+                    f"{bad} / {done}",
+                    f"{t_first:.1f}",
+                    f"{t_ours:.1f}",
+                    f"{t_ggml:.1f}",
+                ]
+            )
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(f"Soak vs libggml ggml_quantize_chunk, seed {args.seed}; {machine()}\n")
+    headers = ["format", "imatrix", "mismatching blocks / total"]
+    headers += ["first call s", "jquant s (rest)", "ggml s (all)"]
+    print(md_table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()

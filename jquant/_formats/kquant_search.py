@@ -1,0 +1,247 @@
+"""ggml's scale searches for the asymmetric K-quants, in C evaluation order.
+
+Ports of ``make_qkx2_quants`` / ``make_qkx3_quants`` (one routine: with weights given they
+are the same code) and ``make_qp_quants`` from ggml-quants.c. Every function works on
+*element-major* arrays ``[n, G]``: the ``n`` values of a group along axis 0 and the ``G``
+groups along axis 1, so that a sequential C loop over a group becomes ``n`` vector adds
+over contiguous rows of ``G`` lanes.
+
+Exactness rules followed throughout (see :mod:`.guards`): every product that feeds an add
+or subtract is passed through :func:`no_fma`; every sum is added in C's loop order; the
+divisions the C writes stay divisions (:func:`exact_div`); comparisons are the C's strict
+ones, applied candidate after candidate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .guards import nearest_int, no_fma, opaque, sequential_sum
+
+__all__ = [
+    "GROUP_MAX_EPS",
+    "div",
+    "first_zero_signed_min",
+    "make_qkx_quants",
+    "make_qp_quants",
+    "sum_from_zero",
+]
+
+GROUP_MAX_EPS = np.float32(1e-15)
+"""ggml's all-zero threshold for a group's largest value."""
+
+_F32 = jnp.float32
+
+
+def div(a: jax.Array | float, b: jax.Array | float) -> jax.Array:
+    """C's ``a / b`` in float32, never rewritten by the compiler.
+
+    Unlike :func:`exact_div` this also holds when ``a`` is a constant: the divisor is
+    hidden behind itself *and* behind ``a``, so neither ``63 / b`` with a constant
+    numerator nor ``1 / (c / b)`` can be simplified (XLA turns the latter into ``b / c``).
+    """
+    a = jnp.asarray(a, _F32)
+    b = jnp.asarray(b, _F32)
+    shape = jnp.broadcast_shapes(a.shape, b.shape)
+    a = jnp.broadcast_to(a, shape)
+    b = jnp.broadcast_to(b, shape)
+    return a / opaque(opaque(b, dep=a))
+
+
+def sum_from_zero(terms: jax.Array) -> jax.Array:
+    """C's ``float s = 0; for (...) s += t[i];`` over axis 0.
+
+    Seeding with ``t[0]`` instead of ``0`` differs only when every term is ``-0``: C's
+    ``0 + -0`` is ``+0``, and an exact cancellation is ``+0`` too, so the C sum is never
+    ``-0``; the ``where`` restores that.
+    """
+    s = sequential_sum(terms, axis=0)
+    return jnp.where(s == 0, _F32(0), s)
+
+
+def first_zero_signed_min(x: jax.Array, mn: jax.Array) -> jax.Array:
+    """``mn`` (the min of ``x`` over axis 0), with the sign of the first zero when it is 0.
+
+    C's ``min = x[0]; if (x[i] < min) min = x[i];`` keeps the first zero it meets (``-0 < 0``
+    is false); XLA's min may return either zero.
+    """
+    n = x.shape[0]
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    key = jnp.min(jnp.where(x == 0, 2 * iota + jnp.signbit(x).astype(jnp.int32), 2 * n), axis=0)
+    signed = jnp.where((key & 1) == 1, _F32(-0.0), _F32(0.0))
+    return jnp.where(mn == 0, signed, mn)
+
+
+def _candidate_numerators(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
+    """``rmin + rdelta*is + nmax`` for ``is = 0..nstep``, rounded as the C does (no FMA)."""
+    f = np.float32
+    return np.array(
+        [(f(rmin) + f(rdelta) * f(i)) + f(nmax) for i in range(nstep + 1)], dtype=np.float32
+    )
+
+
+def make_qkx_quants(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+    signed_zero_min: bool = False,
+    unroll: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (with weights) on ``[n, G]`` groups.
+
+    Fits ``x ≈ scale * L + min`` (``min <= 0``, ``0 <= L <= nmax``) by weighted least squares
+    over ``nstep + 1`` candidate inverse scales ``(rmin + rdelta*is + nmax) / (max - min)``.
+    As in the C, a candidate that wins replaces ``min``, and later candidates are measured
+    from the new ``min``; a candidate must be strictly better to win.
+
+    Args:
+        x: float32 ``[n, G]``, one group per column.
+        w: float32 ``[n, G]`` weights, already rounded (no pending product).
+        nmax: largest quant.
+        rmin, rdelta, nstep: the candidate grid.
+        use_mad: error is ``sum w*|diff|`` (True) or ``sum w*diff**2``.
+        signed_zero_min: give a zero ``min`` the sign of the group's first zero (only
+            visible where ``-min`` is stored, as in Q4_1/Q5_1).
+        unroll: unroll the candidate loop in Python instead of a ``lax.fori_loop``.
+
+    Returns:
+        ``(scale [G], the_min [G], L [n, G] int32)`` with ``the_min = -min >= 0``.
+    """
+    mx = jnp.max(x, axis=0)
+    mn = jnp.min(x, axis=0)
+    if signed_zero_min:
+        mn = first_zero_signed_min(x, mn)
+    mn = jnp.where(mn > 0, _F32(0), mn)
+    flat = mx == mn
+    sum_w = sequential_sum(w, axis=0)
+    sum_x = sequential_sum(no_fma(w * x), axis=0)
+
+    def quants(iscale: jax.Array, m: jax.Array) -> jax.Array:
+        return jnp.clip(nearest_int(iscale[None] * (x - m[None])), 0, nmax)
+
+    def error(scale: jax.Array, m: jax.Array, lf: jax.Array) -> jax.Array:
+        diff = (no_fma(scale[None] * lf) + m[None]) - x
+        diff = jnp.abs(diff) if use_mad else diff * diff
+        return sum_from_zero(no_fma(w * diff))
+
+    def inv_scale(num: jax.Array, m: jax.Array) -> jax.Array:
+        return div(num, jnp.where(flat, _F32(1), mx - m))
+
+    iscale0 = inv_scale(_F32(nmax), mn)
+    scale0 = div(_F32(1), iscale0)
+    best0 = error(scale0, mn, quants(iscale0, mn).astype(_F32))
+    nums = jnp.asarray(_candidate_numerators(nmax, rmin, rdelta, nstep))
+
+    def step(c, carry):
+        best, scale, m, isc_w, m_w = carry
+        iscale = inv_scale(nums[c], m)
+        lf = quants(iscale, m).astype(_F32)
+        wl = no_fma(w * lf)
+        sum_l = sum_from_zero(wl)
+        sum_l2 = sum_from_zero(no_fma(wl * lf))
+        sum_xl = sum_from_zero(no_fma(wl * x))
+        det = no_fma(sum_w * sum_l2) - no_fma(sum_l * sum_l)
+        ok = det > 0
+        det = jnp.where(ok, det, _F32(1))
+        this_scale = div(no_fma(sum_w * sum_xl) - no_fma(sum_x * sum_l), det)
+        this_min = div(no_fma(sum_l2 * sum_x) - no_fma(sum_l * sum_xl), det)
+        pos = this_min > 0
+        this_scale = jnp.where(pos, div(sum_xl, jnp.where(ok, sum_l2, _F32(1))), this_scale)
+        this_min = jnp.where(pos, _F32(0), this_min)
+        cur = error(this_scale, this_min, lf)
+        win = ok & (cur < best)
+        return (
+            jnp.where(win, cur, best),
+            jnp.where(win, this_scale, scale),
+            jnp.where(win, this_min, m),
+            jnp.where(win, iscale, isc_w),
+            jnp.where(win, m, m_w),
+        )
+
+    carry = (best0, scale0, mn, iscale0, mn)
+    if unroll:
+        for c in range(nstep + 1):
+            carry = step(c, carry)
+    else:
+        carry = lax.fori_loop(0, nstep + 1, step, carry)
+    _, scale, m, isc_w, m_w = carry
+    levels = jnp.where(flat[None], 0, quants(isc_w, m_w))
+    scale = jnp.where(flat, _F32(0), scale)
+    return scale, -m, levels
+
+
+def make_qp_quants(x: jax.Array, w: jax.Array, *, nmax: int) -> tuple[jax.Array, jax.Array]:
+    """ggml's ``make_qp_quants`` on ``[n, B]``: non-negative ``x ≈ scale * L``, ``L <= nmax``.
+
+    Used for the super-block scale of the sub-block scales and mins (imatrix path).
+    Nine candidate scales, then five passes of element-wise coordinate descent (a pass that
+    changes nothing leaves the state as it was, so running all five is the C's early exit).
+
+    Args:
+        x: float32 ``[n, B]`` values (sub-block scales or mins).
+        w: float32 ``[n, B]`` weights.
+        nmax: largest quant.
+
+    Returns:
+        ``(scale [B], L [n, B] int32)``; ``L`` holds what the C's ``uint8_t L[]`` holds.
+    """
+    mx = jnp.max(x, axis=0)
+    mx = jnp.where(mx > 0, mx, _F32(0))
+    zero = mx < GROUP_MAX_EPS
+    mx_safe = jnp.where(zero, _F32(1), mx)
+
+    def candidate_mse(iscale: jax.Array, clamp: bool) -> jax.Array:
+        scale = div(_F32(1), iscale)
+        q = nearest_int(iscale[None] * x)
+        # First pass stores into uint8 L (no clamp); the candidates use the int, clamped.
+        q = jnp.minimum(q, nmax) if clamp else q & 255
+        diff = x - no_fma(scale[None] * q.astype(_F32))
+        return sum_from_zero(no_fma(no_fma(w * diff) * diff))
+
+    iscale = div(_F32(nmax), mx_safe)
+    best = candidate_mse(iscale, clamp=False)
+    for i in (-4, -3, -2, -1, 1, 2, 3, 4):
+        num = np.float32(np.float32(0.1) * np.float32(i)) + np.float32(nmax)
+        iscale_i = div(num, mx_safe)
+        mse = candidate_mse(iscale_i, clamp=True)
+        better = mse < best
+        best = jnp.where(better, mse, best)
+        iscale = jnp.where(better, iscale_i, iscale)
+
+    q = jnp.minimum(nearest_int(iscale[None] * x), nmax)
+    qf = q.astype(_F32)
+    wx = no_fma(w * x)
+    sumlx = sum_from_zero(no_fma(wx * qf))
+    suml2 = sum_from_zero(no_fma(no_fma(w * qf) * qf))
+    n = x.shape[0]
+
+    def descend(k, carry):
+        levels, sumlx, suml2 = carry
+        i = k % n
+        wi, xi, li = w[i], x[i], levels[i]
+        lif = li.astype(_F32)
+        slx = sumlx - no_fma(no_fma(wi * xi) * lif)
+        sl2 = suml2 - no_fma(no_fma(wi * lif) * lif)
+        ok = (slx > 0) & (sl2 > 0)
+        new_l = jnp.minimum(nearest_int(div(no_fma(xi * sl2), jnp.where(ok, slx, _F32(1)))), nmax)
+        nlf = new_l.astype(_F32)
+        slx = slx + no_fma(no_fma(wi * xi) * nlf)
+        sl2 = sl2 + no_fma(no_fma(wi * nlf) * nlf)
+        better = no_fma(no_fma(slx * slx) * suml2) > no_fma(no_fma(sumlx * sumlx) * sl2)
+        accept = ok & (new_l != li) & better
+        levels = levels.at[i].set(jnp.where(accept, new_l & 255, li))
+        return levels, jnp.where(accept, slx, sumlx), jnp.where(accept, sl2, suml2)
+
+    levels, sumlx, suml2 = lax.fori_loop(0, 5 * n, descend, (q & 255, sumlx, suml2))
+    scale = jnp.where(suml2 > 0, div(sumlx, jnp.where(suml2 > 0, suml2, _F32(1))), 0)
+    scale = jnp.where(zero, _F32(0), scale.astype(_F32))
+    levels = jnp.where(zero[None], 0, levels)
+    return scale, levels
