@@ -41,6 +41,13 @@ class QuantType(enum.Enum):
     F16 = 1
     BF16 = 30
     F32 = 0
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    IQ4_NL = 20
+    IQ4_XS = 23
 
     @property
     def spec(self) -> Any:

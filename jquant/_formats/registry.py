@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from .._errors import QuantError, UnsupportedDTypeError
-from . import floats, legacy
+from . import floats, iq4, kquant_affine, kquant_symmetric, legacy
 from .quant_type import FORMATS, QuantType, QuantTypeLike
 
 __all__ = [
@@ -362,7 +362,76 @@ _FLOATS: Sequence[FormatSpec] = (
     ),
 )  # fmt: skip
 
-for _spec in (*_BLOCKS, *_FLOATS):
+
+def _kquant_bound(levels: int) -> str:
+    return f"|x| <= about {F16_MAX * levels:.3g} (the fp16 super-block scale)"
+
+
+_KQUANTS: Sequence[FormatSpec] = (
+    FormatSpec(
+        "Q2_K", 10, 256, kquant_affine.FIELDS_Q2_K, kquant_affine.quantize_q2_k,
+        kquant_affine.dequantize_q2_k,
+        "2-bit affine super-blocks of 256: 16 groups of 16 with 4-bit scales and mins",
+        quantize_weighted=kquant_affine.quantize_q2_k, scales=("d", "dmin"),
+        overflow=_kquant_bound(3 * 15), bits=2, fallback=QuantType.Q4_0, qtype=QuantType.Q2_K,
+    ),
+    FormatSpec(
+        "Q3_K", 11, 256, kquant_symmetric.FIELDS_Q3_K, kquant_symmetric.quantize_q3_k,
+        kquant_symmetric.dequantize_q3_k,
+        "3-bit symmetric super-blocks of 256: 16 groups of 16 with 6-bit scales",
+        quantize_weighted=kquant_symmetric.quantize_q3_k, scales=("d",),
+        overflow=_kquant_bound(4 * 32), bits=3, fallback=QuantType.Q4_0, qtype=QuantType.Q3_K,
+    ),
+    FormatSpec(
+        "Q4_K", 12, 256, kquant_affine.FIELDS_Q4_K, kquant_affine.quantize_q4_k,
+        kquant_affine.dequantize_q4_k,
+        "4-bit affine super-blocks of 256: 8 groups of 32 with 6-bit scales and mins",
+        quantize_weighted=kquant_affine.quantize_q4_k, scales=("d", "dmin"),
+        overflow=_kquant_bound(15 * 63), bits=4, fallback=QuantType.Q5_0, qtype=QuantType.Q4_K,
+    ),
+    FormatSpec(
+        "Q5_K", 13, 256, kquant_affine.FIELDS_Q5_K, kquant_affine.quantize_q5_k,
+        kquant_affine.dequantize_q5_k,
+        "5-bit affine super-blocks of 256: 8 groups of 32 with 6-bit scales and mins",
+        quantize_weighted=kquant_affine.quantize_q5_k, scales=("d", "dmin"),
+        overflow=_kquant_bound(31 * 63), bits=5, fallback=QuantType.Q5_1, qtype=QuantType.Q5_K,
+    ),
+    FormatSpec(
+        "Q6_K", 14, 256, kquant_symmetric.FIELDS_Q6_K, kquant_symmetric.quantize_q6_k,
+        kquant_symmetric.dequantize_q6_k,
+        "6-bit symmetric super-blocks of 256: 16 groups of 16 with int8 scales",
+        quantize_weighted=kquant_symmetric.quantize_q6_k, scales=("d",),
+        overflow=_kquant_bound(32 * 128), bits=6, fallback=QuantType.Q8_0, qtype=QuantType.Q6_K,
+    ),
+    FormatSpec(
+        "IQ4_NL", 20, 32, iq4.FIELDS_IQ4_NL, iq4.quantize_iq4_nl, iq4.dequantize_iq4_nl,
+        "4-bit non-linear grid (16 fixed int8 levels), fp16 scale per 32",
+        quantize_weighted=iq4.quantize_iq4_nl, scales=("d",), overflow=_kquant_bound(127),
+        table=np.asarray(iq4.IQ4_GRID, np.int8), bits=4, qtype=QuantType.IQ4_NL,
+    ),
+    FormatSpec(
+        "IQ4_XS", 23, 256, iq4.FIELDS_IQ4_XS, iq4.quantize_iq4_xs, iq4.dequantize_iq4_xs,
+        "4-bit non-linear grid, super-blocks of 256 with 6-bit group scales",
+        quantize_weighted=iq4.quantize_iq4_xs, scales=("d",),
+        overflow=_kquant_bound(127 * 32), table=np.asarray(iq4.IQ4_GRID, np.int8), bits=4,
+        fallback=QuantType.IQ4_NL, qtype=QuantType.IQ4_XS,
+    ),
+)  # fmt: skip
+
+_WEIGHTED_LEGACY = {
+    "Q4_0": kquant_symmetric.quantize_q4_0_weighted,
+    "Q4_1": kquant_affine.quantize_q4_1_weighted,
+    "Q5_0": kquant_symmetric.quantize_q5_0_weighted,
+    "Q5_1": kquant_affine.quantize_q5_1_weighted,
+}
+_BLOCKS = tuple(
+    dataclasses.replace(s, quantize_weighted=_WEIGHTED_LEGACY[s.name])
+    if s.name in _WEIGHTED_LEGACY
+    else s
+    for s in _BLOCKS
+)
+
+for _spec in (*_BLOCKS, *_FLOATS, *_KQUANTS):
     register(_spec)
 
 DEFAULT_FORMAT = _BLOCKS[0].qtype
