@@ -41,7 +41,7 @@ _I32 = jnp.int32
 _F32 = jnp.float32
 
 
-def _wide():
+def wide_dtype():
     """float64 where the backend has it (CPU, GPU); TPU has no float64."""
     return jnp.float64 if jax.default_backend() != "tpu" else jnp.float32
 
@@ -94,7 +94,7 @@ def histogram(a: jax.Array, width: jax.Array, n: int, valid: jax.Array) -> jax.A
 def percentile_index(hist: jax.Array, frac: float) -> jax.Array:
     """First bin whose cdf ``cumsum(h) / sum(h)`` reaches ``frac``; ``hist`` is ``[C, n]``."""
     with jax.enable_x64(True):
-        wide = _wide()
+        wide = wide_dtype()
         cum = jnp.cumsum(hist.astype(wide), axis=-1)
         total = cum[:, -1:]
         cdf = exact_div(cum, jnp.where(total > 0, total, 1.0))  # not cum * (1 / total)
@@ -111,7 +111,7 @@ def _entropy_one(hist: jax.Array, nvalid: jax.Array, bits: int) -> jax.Array:
     """Kept-bin count ``i`` minimising KL(P||Q) for one histogram (last minimum)."""
     n = hist.shape[-1]
     nq = 1 << (bits - 1)
-    wide = _wide()
+    wide = wide_dtype()
     b = hist.at[0].set(hist[1]).astype(wide)
     zero = jnp.zeros(1, wide)
     csum = jnp.concatenate([zero, jnp.cumsum(b)])  # exact: integers below 2**53
@@ -155,7 +155,7 @@ def entropy_index(hist: jax.Array, nvalid: jax.Array, bits: int = 8) -> jax.Arra
 
 def _mse_one(hist: jax.Array, nvalid: jax.Array, width: jax.Array, bits: int) -> jax.Array:
     n = hist.shape[-1]
-    wide = _wide()
+    wide = wide_dtype()
     qmax = float((1 << (bits - 1)) - 1)
     qmin = float(-(1 << (bits - 1)))
     centres = centre(jnp.arange(n, dtype=_I32), width)
@@ -191,7 +191,7 @@ def batch_stats(rows, width, *, n: int, num_bins: int):
         width = exact_div(absmax, float(num_bins))
     count = jnp.sum(finite, axis=-1, dtype=jnp.int32)
     with jax.enable_x64(True):
-        wide = _wide()
+        wide = wide_dtype()
         xw = jnp.where(finite, rows, 0.0).astype(wide)
         cnt = jnp.maximum(count, 1).astype(wide)
         mean = jnp.sum(xw, axis=-1) / cnt

@@ -12,7 +12,7 @@ from .._errors import CalibrationError
 from .._formats.quant_type import QuantTypeLike
 from .._formats.registry import DEFAULT_FORMAT, format_spec, formats
 
-__all__ = ["CalibrationMethod", "as_method", "bits_for"]
+__all__ = ["CalibrationMethod", "as_method", "bits_for", "is_int"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,12 @@ CalibrationMethod.Entropy = CalibrationMethod("Entropy")
 CalibrationMethod.MSE = CalibrationMethod("MSE")
 
 
-def _is_int(v) -> bool:
+def is_int(v: Any) -> bool:
+    """An ``int`` or NumPy integer, not a ``bool``."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+_is_int = is_int
 
 
 def _number(v, what: str) -> float:

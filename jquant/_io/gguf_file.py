@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from .._errors import FileFormatError, FileWriteError, QuantError, UnknownFormatError
@@ -103,14 +104,10 @@ def stored_dtype(name: str) -> np.dtype:
 
 def ggml_sizes() -> dict[int, tuple[int, int]]:
     """GGML type id -> (values per block, bytes per block), for every type gguf-py knows."""
-    import gguf
-
     return {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
 
 
 def _ggml_type_name(t: int) -> str:
-    import gguf
-
     try:
         return gguf.GGMLQuantizationType(t).name
     except ValueError:
@@ -237,8 +234,6 @@ def write_gguf(
     Each entry's bytes are produced, written and dropped one at a time, so memory stays
     near the largest tensor. ``tree`` is the JSON-able skeleton (see module docs).
     """
-    import gguf
-
     path = Path(path)
     metadata = dict(metadata or {})
     arch = str(metadata.pop("general.architecture", "jquant"))
@@ -454,8 +449,6 @@ class GGUFInfo:
         Copying these keeps llama.cpp's value types (e.g. INT32 token types) exact.
         Nested arrays are left out (gguf-py's writer can't write them).
         """
-        import gguf
-
         out = {}
         for k, v in self.user_metadata().items():
             t, sub = self.types.get(k, (None, None))
