@@ -596,9 +596,10 @@ def _open(path: str | os.PathLike) -> tuple[GGUFInfo, np.ndarray]:
         if ggml_type not in sizes:
             raise cur.fail(f"tensor {name!r} has unknown GGML type id {ggml_type}")
         block, type_size = sizes[ggml_type]
-        if (dims[0] if dims else 1) % block:
+        first = dims[0] if dims else 1
+        if first % block:
             raise cur.fail(
-                f"tensor {name!r}: its first GGUF dimension ({dims[0]}) is not a multiple of "
+                f"tensor {name!r}: its first GGUF dimension ({first}) is not a multiple of "
                 f"the {_ggml_type_name(ggml_type)} block size ({block})"
             )
         count = math.prod(dims)
@@ -649,7 +650,7 @@ def read_header(path: str | os.PathLike) -> tuple[GGUFInfo, np.ndarray]:
     """
     try:
         return _open(path)
-    except (QuantError, OSError):
-        raise
-    except (struct.error, ValueError, OverflowError, IndexError, KeyError, TypeError) as e:
+    except (struct.error, OverflowError) as e:
+        # the cursor checks every size before reading; these are its last line of defence
+        # (any other exception is a bug in the reader and propagates as one)
         raise FileFormatError(f"{os.fspath(path)}: not a valid GGUF file ({e})") from None
