@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jquant._calibration.histogram import percent_ratio
 
 import jquant
 from jquant import CalibrationError, CalibrationMethod, calibrate, merge_calibration
+from jquant._calibration.histogram import percent_ratio
 
 M = CalibrationMethod
 

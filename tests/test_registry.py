@@ -6,6 +6,7 @@ every engine (single tensor, bytes, chunked model, sharded model, dot/dense, GGU
 is unregistered again.
 """
 
+import pickle
 import warnings
 
 import chex
@@ -228,3 +229,14 @@ def test_imatrix_routes_to_the_weighted_encoder():
         jquant.quantize_tensor(x, SPEC, imatrix=w, name="emb")
     with pytest.raises(jquant.QuantError, match="Q8_0 has no importance-weighted"):
         jquant.quantize_tensor(x, "q8_0", imatrix=np.ones(512, np.float32))
+
+
+def test_quantized_tensor_fields_come_from_the_record():
+    q = jquant.quantize_tensor(_x(2, 64), "q5_1")
+    assert list(q.fields) == ["qs", "d", "m", "qh"] and q.spec is jquant.QuantType.Q5_1.spec
+    assert jquant.quantize_tensor(_x(2, 64), "q4_0").m is None  # absent legacy fields read None
+    with pytest.raises(jquant.ShapeError, match="holds the fields"):
+        jquant.QuantizedTensor({"qs": q.qs}, shape=(2, 64), qtype="q5_1")
+    with pytest.raises(AttributeError, match="immutable"):
+        q.shape = (1,)
+    chex.assert_trees_all_equal(pickle.loads(pickle.dumps(q)), q)

@@ -1,0 +1,1 @@
+"""Calibration: clipping ranges from histograms (MinMax, Entropy, MSE, Percentile, MeanStd)."""

@@ -23,7 +23,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
 from .. import __version__
+from .._core.blocks import error_stats, error_sums
 from .._core.tensor import human_bytes
 from .._errors import FileFormatError, FileWriteError, QuantError
 from .._formats.quant_type import QuantType
@@ -125,8 +132,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
-
     console = Console(stderr=stderr, highlight=False)
     if not console.is_terminal:  # pipes and files: wide enough for the tables
         console = Console(stderr=stderr, highlight=False, width=140)
@@ -152,9 +157,6 @@ def _finite(v: float | None) -> float | str | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
-
     params = example_params()
     leaves = jax.tree.leaves(params)
     n = sum(x.size for x in leaves)
@@ -192,8 +194,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"model": "jquant example (2-layer transformer)", "values": n, "rows": rows})
         return EXIT_OK
-    from rich.table import Table
-
     t = Table(
         title=f"jquant: built-in example model ({n:,} float32 values, {human_bytes(before)}), "
         f"every format",
@@ -243,14 +243,6 @@ def _progress(quiet: bool, verb: str = "quantizing"):
     console = _console(stderr=True)
     if quiet or not console.is_terminal:
         return None, None
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     prog = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -413,8 +405,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(summary)
         return EXIT_OK
-    from rich.table import Table
-
     console = _console()
     total_bits = 8 * summary["tensor_bytes"] / summary["values"] if summary["values"] else 0.0
     console.print(
@@ -451,8 +441,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import numpy as np
-
     orig, _ = read_sources(args.original)
     quant, _ = read_sources(args.quantized)
     qfmt: dict[str, str] = {}
@@ -496,17 +484,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 row["note"] = "identical" if np.array_equal(x, y) else "values differ"
                 rows.append(row)
                 continue
-            x64, y64 = x.astype(np.float64), y.astype(np.float64)
-            err = x64 - y64
-            sq = float(np.sum(err * err))
-            sig = float(np.sum(x64 * x64))
-            row["rmse"] = math.sqrt(sq / n) if n else 0.0
-            row["max_error"] = float(np.max(np.abs(err))) if n else 0.0
-            row["sqnr_db"] = (
-                math.inf if sq == 0 else (10 * math.log10(sig / sq) if sig > 0 else -math.inf)
-            )
+            sums = (float(s) for s in error_sums(x, y))  # numpy: float64
+            row["rmse"], row["max_error"], _, row["sqnr_db"] = error_stats(*sums, n)
             rows.append(row)
-            del x, y, x64, y64, err
+            del x, y
     extra = sorted(set(by_name) - {r["name"] for r in rows} - set(missing))
     if not rows:
         raise FileFormatError(
@@ -527,8 +508,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
             }
         )
         return EXIT_OK
-    from rich.table import Table
-
     t = Table(title=f"{args.original} vs {args.quantized}")
     for col in ("tensor", "format", "shape", "bits/w", "RMSE", "max error", "SQNR dB", "note"):
         t.add_column(

@@ -6,6 +6,7 @@ these, for any format of the table (:mod:`jquant._formats.registry`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -16,7 +17,15 @@ import numpy as np
 
 from .._formats.registry import FormatSpec
 
-__all__ = ["bad_blocks", "check_fields", "error_sums", "nonfinite", "num_blocks", "pad_rows"]
+__all__ = [
+    "bad_blocks",
+    "check_fields",
+    "error_stats",
+    "error_sums",
+    "nonfinite",
+    "num_blocks",
+    "pad_rows",
+]
 
 
 def num_blocks(n: int, block: int) -> int:
@@ -78,36 +87,56 @@ def bad_blocks(
     read too unless ``read_input=False`` (the single-tensor path, which only locates a
     block once a scale says something is wrong). A float format's "scale" is the stored
     value itself, which keeps NaN/Inf inputs: there only a finite value stored as Inf
-    counts. A format without scales (F32) has no bad blocks.
+    counts (with ``read_input=False`` every non-finite stored value is flagged: suspects,
+    for the caller to confirm). A format without scales (F32) has no bad blocks.
     """
     lead = blocks.shape[:-1]
-    bad = jnp.zeros(lead, bool)
+    flags = []
     if spec.scales and spec.is_block_quantized and read_input:
-        bad = ~jnp.isfinite(blocks).all(axis=-1)
+        flags.append(~jnp.isfinite(blocks).all(axis=-1))
     for name in spec.scales:
         f = nonfinite(fields[name])
-        bad |= f.reshape(*lead, math.prod(f.shape[len(lead) :])).any(axis=-1)
-    if spec.scales and not spec.is_block_quantized:
-        bad &= jnp.isfinite(blocks).all(axis=-1)
+        per_block = math.prod(f.shape[len(lead) :])
+        flags.append(f.reshape(lead) if per_block == 1 else f.reshape(*lead, per_block).any(-1))
+    if not flags:
+        return jnp.zeros(lead, bool)
+    bad = functools.reduce(jnp.logical_or, flags)
+    if not spec.is_block_quantized and read_input:
+        bad = bad & jnp.isfinite(blocks[..., 0])
     return bad
 
 
-def error_sums(x: jax.Array, y: jax.Array, mask: jax.Array | None = None, axis: Any = None):
+def error_sums(x: Any, y: Any, mask: Any = None, axis: Any = None):
     """``(sum err^2, max |err|, sum |err|, sum x^2)`` of ``err = x - y`` over ``axis``.
 
-    ``mask`` (broadcast against ``x``) leaves padding out. The statistics of every
-    engine (``compute_quantization_stats``, ``quantize_model(report=True)``, the CLI)
-    come from these four sums.
+    ``mask`` (broadcast against ``x``) leaves padding out. JAX arrays are compared in
+    float32 (inside the engines' programs), numpy arrays in float64 (the CLI's
+    ``compare``). The statistics of every engine (``compute_quantization_stats``,
+    ``quantize_model(report=True)``, the CLI) come from these four sums and
+    :func:`error_stats`.
     """
-    x = x.astype(jnp.float32)
-    err = x - y.astype(jnp.float32)
+    xp, dt = (np, np.float64) if isinstance(x, np.ndarray) else (jnp, jnp.float32)
+    x = x.astype(dt)
+    err = x - y.astype(dt)
     sig = x * x
     if mask is not None:
-        err = jnp.where(mask, err, jnp.float32(0))
-        sig = jnp.where(mask, sig, jnp.float32(0))
+        err = xp.where(mask, err, dt(0))
+        sig = xp.where(mask, sig, dt(0))
     return (
-        jnp.sum(err * err, axis=axis),
-        jnp.max(jnp.abs(err), axis=axis, initial=0.0),
-        jnp.sum(jnp.abs(err), axis=axis),
-        jnp.sum(sig, axis=axis),
+        xp.sum(err * err, axis=axis),
+        xp.max(xp.abs(err), axis=axis, initial=0.0),
+        xp.sum(xp.abs(err), axis=axis),
+        xp.sum(sig, axis=axis),
     )
+
+
+def error_stats(sq: float, max_error: float, abs_sum: float, sig: float, count: int):
+    """``(rmse, max_error, mean_error, sqnr_db)`` from :func:`error_sums` of ``count`` values.
+
+    SQNR is ``10 log10(sum x^2 / sum err^2)``: ``inf`` when lossless, ``-inf`` for a zero
+    signal with an error. An empty comparison is lossless.
+    """
+    if not count:
+        return 0.0, 0.0, 0.0, math.inf
+    sqnr = math.inf if sq == 0 else (10 * math.log10(sig / sq) if sig > 0 else -math.inf)
+    return math.sqrt(sq / count), float(max_error), abs_sum / count, sqnr

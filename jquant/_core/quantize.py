@@ -77,9 +77,14 @@ def _diagnose(blocks: jax.Array, fields: dict[str, jax.Array], spec: FormatSpec)
         return none
     block = spec.is_block_quantized
     flat = blocks.reshape(-1, blocks.shape[-1])
-    bad = bad_blocks(blocks, fields, spec, read_input=False).reshape(-1)
+    # flattened first: XLA fuses the check into one pass over the stored bits
+    flat_fields = {f.name: fields[f.name].reshape(-1, *f.shape) for f in spec.fields}
+    suspect = bad_blocks(flat, flat_fields, spec, read_input=False)
 
     def locate(_):
+        # a float format stores NaN/Inf inputs as they are: only a finite input stored as
+        # Inf (an overflow) is bad
+        bad = suspect if block else suspect & jnp.isfinite(flat[:, 0])
         idx = jnp.argmax(bad).astype(jnp.int32)
         row = flat[idx]
         nonfinite = block & ~jnp.isfinite(row).all()
@@ -91,7 +96,7 @@ def _diagnose(blocks: jax.Array, fields: dict[str, jax.Array], spec: FormatSpec)
         pos = jnp.where(code == _NONFINITE, nf_pos, big_pos).astype(jnp.int32)
         return code.astype(jnp.int32), idx * flat.shape[-1] + pos, val
 
-    return jax.lax.cond(bad.any(), locate, lambda _: none, None)
+    return jax.lax.cond(suspect.any(), locate, lambda _: none, None)
 
 
 @functools.partial(jax.jit, static_argnames=("qtype", "diagnose"))

@@ -11,7 +11,7 @@ import numpy as np
 
 from .._errors import ShapeError
 from .._formats.quant_type import QuantType, QuantTypeLike
-from .blocks import error_sums
+from .blocks import error_stats, error_sums
 
 __all__ = ["QuantizationStats", "compute_quantization_stats"]
 
@@ -94,12 +94,11 @@ def compute_quantization_stats(
         return QuantizationStats(
             0.0, 0.0, 0.0, source_bits / qtype.bits_per_weight, math.inf, qtype.bits_per_weight, 0
         )
-    sq, mx, ab, sig = (float(v) for v in _error_sums(x, y))
-    sqnr = math.inf if sq == 0 else (10 * math.log10(sig / sq) if sig > 0 else -math.inf)
+    rmse, mx, mean, sqnr = error_stats(*(float(v) for v in _error_sums(x, y)), n)
     return QuantizationStats(
-        rmse=math.sqrt(sq / n),
+        rmse=rmse,
         max_error=mx,
-        mean_error=ab / n,
+        mean_error=mean,
         compression_ratio=source_bits / qtype.bits_per_weight,
         sqnr_db=sqnr,
         bits_per_weight=qtype.bits_per_weight,

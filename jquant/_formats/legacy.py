@@ -199,24 +199,44 @@ def dequantize_q8_0(fields: dict[str, jax.Array]) -> jax.Array:
     return fields["qs"].astype(jnp.float32) * fields["d"].astype(jnp.float32)[..., None]
 
 
+def _quants(fields: dict[str, jax.Array]) -> jax.Array:
+    """The unsigned quants of a nibble format, ``[..., nb, 32]`` uint8 (bit 4 from ``qh``)."""
+    qs = fields["qs"]
+    q = jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    if "qh" in fields:
+        q = q | (_unpack_high_bits(fields["qh"]) << 4)
+    return q
+
+
+def _unpack_high_bits(qh: jax.Array) -> jax.Array:
+    return ((qh[..., None] >> _bit_positions(qh.ndim + 1)) & 1).astype(jnp.uint8)
+
+
 def dequantize_q4_0(fields: dict[str, jax.Array]) -> jax.Array:
     """Q4_0 fields -> float32 ``[..., nb, 32]``."""
-    return jnp.concatenate(dequantize_halves(fields, offset=8.0), axis=-1)
+    d = fields["d"].astype(jnp.float32)[..., None]
+    return (_quants(fields).astype(jnp.float32) - 8.0) * d
 
 
 def dequantize_q5_0(fields: dict[str, jax.Array]) -> jax.Array:
     """Q5_0 fields -> float32 ``[..., nb, 32]``."""
-    return jnp.concatenate(dequantize_halves(fields, offset=16.0), axis=-1)
+    d = fields["d"].astype(jnp.float32)[..., None]
+    return (_quants(fields).astype(jnp.float32) - 16.0) * d
+
+
+def _dequantize_affine(fields: dict[str, jax.Array]) -> jax.Array:
+    d = fields["d"].astype(jnp.float32)[..., None]
+    return _quants(fields).astype(jnp.float32) * d + fields["m"].astype(jnp.float32)[..., None]
 
 
 def dequantize_q4_1(fields: dict[str, jax.Array]) -> jax.Array:
     """Q4_1 fields -> float32 ``[..., nb, 32]``."""
-    return jnp.concatenate(dequantize_halves(fields), axis=-1)
+    return _dequantize_affine(fields)
 
 
 def dequantize_q5_1(fields: dict[str, jax.Array]) -> jax.Array:
     """Q5_1 fields -> float32 ``[..., nb, 32]``."""
-    return jnp.concatenate(dequantize_halves(fields), axis=-1)
+    return _dequantize_affine(fields)
 
 
 def dequantize_halves(fields: dict[str, jax.Array], offset: float = 0.0) -> list[jax.Array]:

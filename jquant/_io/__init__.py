@@ -1,0 +1,1 @@
+"""Files: GGUF (checked reader, atomic writer) and safetensors/npz conversion."""

@@ -61,6 +61,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -509,8 +510,6 @@ def decode_tensor(
 
     ``entry`` is the tensor's ``jquant.tensors`` record (jquant files), else ``None``.
     """
-    import gguf
-
     data = np.asarray(mm[t.offset : t.offset + t.nbytes])
     if entry is not None:
         shape = tuple(int(s) for s in entry["shape"])

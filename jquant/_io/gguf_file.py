@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from .._errors import FileFormatError, FileWriteError, QuantError, UnknownFormatError
@@ -103,14 +104,10 @@ def stored_dtype(name: str) -> np.dtype:
 
 def ggml_sizes() -> dict[int, tuple[int, int]]:
     """GGML type id -> (values per block, bytes per block), for every type gguf-py knows."""
-    import gguf
-
     return {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
 
 
 def _ggml_type_name(t: int) -> str:
-    import gguf
-
     try:
         return gguf.GGMLQuantizationType(t).name
     except ValueError:
@@ -237,8 +234,6 @@ def write_gguf(
     Each entry's bytes are produced, written and dropped one at a time, so memory stays
     near the largest tensor. ``tree`` is the JSON-able skeleton (see module docs).
     """
-    import gguf
-
     path = Path(path)
     metadata = dict(metadata or {})
     arch = str(metadata.pop("general.architecture", "jquant"))
@@ -454,8 +449,6 @@ class GGUFInfo:
         Copying these keeps llama.cpp's value types (e.g. INT32 token types) exact.
         Nested arrays are left out (gguf-py's writer can't write them).
         """
-        import gguf
-
         out = {}
         for k, v in self.user_metadata().items():
             t, sub = self.types.get(k, (None, None))
@@ -603,9 +596,10 @@ def _open(path: str | os.PathLike) -> tuple[GGUFInfo, np.ndarray]:
         if ggml_type not in sizes:
             raise cur.fail(f"tensor {name!r} has unknown GGML type id {ggml_type}")
         block, type_size = sizes[ggml_type]
-        if (dims[0] if dims else 1) % block:
+        first = dims[0] if dims else 1
+        if first % block:
             raise cur.fail(
-                f"tensor {name!r}: its first GGUF dimension ({dims[0]}) is not a multiple of "
+                f"tensor {name!r}: its first GGUF dimension ({first}) is not a multiple of "
                 f"the {_ggml_type_name(ggml_type)} block size ({block})"
             )
         count = math.prod(dims)
@@ -656,7 +650,7 @@ def read_header(path: str | os.PathLike) -> tuple[GGUFInfo, np.ndarray]:
     """
     try:
         return _open(path)
-    except (QuantError, OSError):
-        raise
-    except (struct.error, ValueError, OverflowError, IndexError, KeyError, TypeError) as e:
+    except (struct.error, OverflowError) as e:
+        # the cursor checks every size before reading; these are its last line of defence
+        # (any other exception is a bug in the reader and propagates as one)
         raise FileFormatError(f"{os.fspath(path)}: not a valid GGUF file ({e})") from None

@@ -20,6 +20,7 @@ import math
 import os
 import struct
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -167,8 +168,6 @@ def npz_sources(path: str | os.PathLike) -> tuple[list[Source], dict[str, str]]:
     Raises:
         FileFormatError: not a valid ``.npz``, or an object array (pickles are refused).
     """
-    import zipfile
-
     spath = os.fspath(path)
     try:
         zf = zipfile.ZipFile(spath)

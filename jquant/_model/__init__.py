@@ -1,0 +1,1 @@
+"""Whole models: quantize_model (chunked and sharded engines), rules and reports."""

@@ -29,7 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._core.blocks import bad_blocks, check_fields, error_sums, num_blocks, pad_rows
+from .._core.blocks import (
+    bad_blocks,
+    check_fields,
+    error_stats,
+    error_sums,
+    num_blocks,
+    pad_rows,
+)
 from .._core.quantize import quantize_tensor
 from .._core.tensor import QuantizedTensor
 from .._errors import NonFiniteError, QuantError
@@ -518,17 +525,7 @@ def _make_report(paths, leaves, out, decisions, rules, stats) -> ModelReport:
         size = math.prod(shape) if shape is not None else 0
         rmse = max_error = mean_error = sqnr = None
         if i in stats:
-            sq, mx, ab, sig, count = stats[i]
-            if count:
-                rmse = math.sqrt(sq / count)
-                mean_error = ab / count
-                max_error = mx
-                sqnr = (
-                    math.inf if sq == 0 else (10 * math.log10(sig / sq) if sig > 0 else -math.inf)
-                )
-            else:
-                rmse = max_error = mean_error = 0.0
-                sqnr = math.inf
+            rmse, max_error, mean_error, sqnr = error_stats(*stats[i])
         bpw = 8 * after / size if size and after else 0.0
         rows.append(
             LeafReport(

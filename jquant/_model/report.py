@@ -7,6 +7,9 @@ import io
 import math
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from .._core.tensor import human_bytes
 
 __all__ = ["LeafReport", "ModelReport"]
@@ -151,8 +154,6 @@ class ModelReport:
         ``errors=False`` leaves out the RMSE, max error and SQNR columns (for reports made
         without statistics, such as a file conversion's).
         """
-        from rich.table import Table
-
         err_cols = [("RMSE", "right"), ("max err", "right"), ("SQNR dB", "right")] if errors else []
         t = Table(title=title, show_footer=False)
         for col, just in [
@@ -200,8 +201,6 @@ class ModelReport:
         return self.table()
 
     def __str__(self) -> str:
-        from rich.console import Console
-
         buf = io.StringIO()
         console = Console(file=buf, width=160, force_terminal=False, color_system=None)
         console.print(self.table())
