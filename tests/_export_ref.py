@@ -187,6 +187,11 @@ def swa_layer(config: dict, i: int) -> bool:
 
 def forward(config: dict, w: dict, ids) -> np.ndarray:
     """Logits ``(len(ids), vocab)`` of the HF model ``config`` with weights ``w``."""
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        return _forward(config, w, ids)
+
+
+def _forward(config: dict, w: dict, ids) -> np.ndarray:
     mt = config["model_type"]
     gemma = mt.startswith("gemma")
     g23 = mt in ("gemma2", "gemma3", "gemma3_text")
@@ -357,6 +362,7 @@ def llama_cpp_logits(path: os.PathLike, ids: list[int], n_ctx: int = 64) -> np.n
 
 def kl(ref: np.ndarray, got: np.ndarray) -> float:
     """Mean KL(softmax(ref) || softmax(got)) over positions."""
-    lp = jax.nn.log_softmax(jnp.asarray(ref, jnp.float32), axis=-1)
-    lq = jax.nn.log_softmax(jnp.asarray(got, jnp.float32), axis=-1)
-    return float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)))
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    lq = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))

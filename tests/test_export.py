@@ -1,0 +1,215 @@
+"""export_gguf: llama.cpp runs exported Llama / Gemma / Gemma 2 / Gemma 3 models.
+
+Each family is a tiny random model; its logits in llama.cpp (llama-cpp-python) are
+compared to a JAX reference forward pass written from the HF modelling code
+(tests/_export_ref.py). Skipped where llama-cpp-python or sentencepiece is missing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jquant
+from jquant._export.tokenizer import tokenizer_size
+
+from . import _export_ref as R
+
+needs_sp = pytest.mark.skipif(not R.HAVE_SENTENCEPIECE, reason="needs sentencepiece")
+needs_llama = pytest.mark.skipif(not R.HAVE_LLAMA_CPP, reason="needs llama-cpp-python")
+
+CONFIGS = {
+    "llama": R.llama_config,
+    "gemma": R.gemma_config,
+    "gemma2": R.gemma2_config,
+    "gemma3": R.gemma3_config,
+}
+# max |logit difference| at F32. Llama's only differences are float rounding; ggml's
+# CPU GELU (Gemma's activation) goes through an fp16 lookup table, hence the looser bound.
+F32_ATOL = {"llama": 1e-4, "gemma": 4e-3, "gemma2": 4e-3, "gemma3": 4e-3}
+# mean KL(reference || llama.cpp) per position
+KL_BOUND = {"f16": 1e-5, "bf16": 2e-4, "q8_0": 2e-3}
+
+
+@pytest.fixture(scope="module")
+def sp_folder(tmp_path_factory):
+    if not R.HAVE_SENTENCEPIECE:
+        pytest.skip("needs sentencepiece")
+    return R.sentencepiece_folder(tmp_path_factory.mktemp("sp"), R.llama_config(320))
+
+
+@pytest.fixture(scope="module")
+def models(sp_folder):
+    n = tokenizer_size(sp_folder)
+    out = {}
+    for fam, make in CONFIGS.items():
+        cfg = make(n)
+        out[fam] = (cfg, R.random_weights(cfg, seed=len(out)))
+    return out
+
+
+def _ids(n_vocab: int, n: int = 16) -> list[int]:
+    rng = np.random.default_rng(7)
+    return [1] + [int(i) for i in rng.integers(3, n_vocab, n - 1)]
+
+
+@needs_sp
+@needs_llama
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_f32_logits_match_jax_reference(family, models, sp_folder, tmp_path):
+    cfg, w = models[family]
+    path = jquant.export_gguf(tmp_path / "m.gguf", w, cfg, tokenizer=sp_folder, ftype="f32")
+    ids = _ids(cfg["vocab_size"])
+    ref = R.forward(cfg, w, ids)
+    got = R.llama_cpp_logits(path, ids)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=F32_ATOL[family], rtol=0)
+
+
+@needs_sp
+@needs_llama
+@pytest.mark.parametrize(
+    "family,ftype",
+    [("llama", "f16"), ("llama", "bf16"), ("llama", "q8_0"), ("gemma3", "f16"), ("gemma2", "q8_0")],
+)
+def test_quantized_logits_within_kl_bound(family, ftype, models, sp_folder, tmp_path):
+    cfg, w = models[family]
+    path = jquant.export_gguf(tmp_path / "m.gguf", w, cfg, tokenizer=sp_folder, ftype=ftype)
+    ids = _ids(cfg["vocab_size"])
+    kl = R.kl(R.forward(cfg, w, ids), R.llama_cpp_logits(path, ids))
+    assert -1e-9 < kl < KL_BOUND[ftype]
+
+
+@needs_sp
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_tensor_types_and_names(family, models, sp_folder, tmp_path):
+    cfg, w = models[family]
+    path = jquant.export_gguf(tmp_path / "m.gguf", w, cfg, tokenizer=sp_folder, ftype="q8_0")
+    info = jquant.inspect_gguf(path)
+    types = {t.name: t.type_name for t in info.tensors}
+    assert types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert types["output_norm.weight"] == "F32"
+    # tied embeddings (all Gemma here) write no output.weight; the untied Llama does
+    assert ("output.weight" in types) == (family == "llama")
+    n_layer = cfg["num_hidden_layers"]
+    per_layer = {n.split(".", 2)[2] for n in types if n.startswith("blk.")}
+    assert all(f"blk.{i}.{s}" in types for i in range(n_layer) for s in per_layer)
+
+
+def _meta(path):
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in r.fields.items()}
+
+
+@needs_sp
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_required_metadata_keys(family, models, sp_folder, tmp_path):
+    cfg, w = models[family]
+    path = jquant.export_gguf(tmp_path / "m.gguf", w, cfg, tokenizer=sp_folder)
+    m = _meta(path)
+    a = m["general.architecture"]
+    assert a == {"gemma3": "gemma3"}.get(family, family)
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert m[f"{a}.context_length"] == cfg["max_position_embeddings"]
+    assert m[f"{a}.embedding_length"] == cfg["hidden_size"]
+    assert m[f"{a}.block_count"] == cfg["num_hidden_layers"]
+    assert m[f"{a}.feed_forward_length"] == cfg["intermediate_size"]
+    assert m[f"{a}.attention.head_count"] == cfg["num_attention_heads"]
+    assert m[f"{a}.attention.head_count_kv"] == cfg["num_key_value_heads"]
+    assert m[f"{a}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
+    assert m[f"{a}.rope.freq_base"] == pytest.approx(cfg["rope_theta"])
+    assert m["general.file_type"] == 1
+    if hd != cfg["hidden_size"] // cfg["num_attention_heads"] or family != "llama":
+        assert m[f"{a}.attention.key_length"] == hd == m[f"{a}.attention.value_length"]
+    if family == "gemma2":
+        assert m["gemma2.attn_logit_softcapping"] == pytest.approx(5.0)
+        assert m["gemma2.final_logit_softcapping"] == pytest.approx(3.0)
+        assert m["gemma2.attention.sliding_window"] == 4
+    if family == "gemma3":
+        assert m["gemma3.attention.sliding_window"] == 4
+        assert m["gemma3.attention.sliding_window_pattern"] == [True, False, True, False]
+        assert m["gemma3.rope.freq_base_swa"] == pytest.approx(10000.0)
+        assert m["gemma3.rope.scaling.type"] == "linear"
+        assert m["gemma3.rope.scaling.factor"] == pytest.approx(2.0)
+    assert m["tokenizer.ggml.model"] == "llama"
+    assert len(m["tokenizer.ggml.tokens"]) == cfg["vocab_size"]
+    assert m["tokenizer.ggml.bos_token_id"] == 1
+    assert m["tokenizer.ggml.add_bos_token"] is True
+    assert "{% for m in messages %}" in m["tokenizer.chat_template"]
+
+
+@needs_sp
+def test_gemma3_trims_embedding_to_tokenizer(models, sp_folder, tmp_path):
+    cfg, w = models["gemma3"]
+    n = cfg["vocab_size"]
+    big = dict(w)
+    pad = np.zeros((64, cfg["hidden_size"]), np.float32)
+    big["model.embed_tokens.weight"] = np.concatenate([w["model.embed_tokens.weight"], pad])
+    path = jquant.export_gguf(
+        tmp_path / "m.gguf", big, {**cfg, "vocab_size": n + 64}, tokenizer=sp_folder, ftype="f32"
+    )
+    emb = jquant.load_gguf(path)["token_embd.weight"]
+    np.testing.assert_array_equal(
+        np.asarray(jquant.dequantize_tensor(emb)), w["model.embed_tokens.weight"]
+    )
+
+
+@needs_sp
+def test_llama_pads_vocab_to_config_size(models, sp_folder, tmp_path):
+    cfg, w = models["llama"]
+    n = cfg["vocab_size"]
+    big = {k: v for k, v in w.items()}
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        big[k] = np.concatenate([w[k], np.zeros((32, cfg["hidden_size"]), np.float32)])
+    path = jquant.export_gguf(
+        tmp_path / "m.gguf", big, {**cfg, "vocab_size": n + 32}, tokenizer=sp_folder
+    )
+    m = _meta(path)
+    assert len(m["tokenizer.ggml.tokens"]) == n + 32
+    assert m["tokenizer.ggml.tokens"][n] == f"[PAD{n}]"
+
+
+@needs_sp
+def test_errors_name_the_problem(models, sp_folder, tmp_path):
+    cfg, w = models["llama"]
+    with pytest.raises(jquant.QuantError, match="model_type 'gpt2' is not supported"):
+        jquant.export_gguf(
+            tmp_path / "m.gguf", w, {**cfg, "model_type": "gpt2"}, tokenizer=sp_folder
+        )
+    with pytest.raises(jquant.QuantError, match="q4_k_m"):
+        jquant.export_gguf(tmp_path / "m.gguf", w, cfg, tokenizer=sp_folder, ftype="q4_k_m")
+    flax_like = {
+        **w,
+        "model.layers.0.mlp.down_proj.weight": w["model.layers.0.mlp.down_proj.weight"].T,
+    }
+    with pytest.raises(jquant.ShapeError, match="source='flax'"):
+        jquant.export_gguf(tmp_path / "m.gguf", flax_like, cfg, tokenizer=sp_folder)
+    with pytest.raises(jquant.QuantError, match="no llama.cpp name"):
+        jquant.export_gguf(
+            tmp_path / "m.gguf",
+            {**w, "model.extra.weight": w["model.norm.weight"]},
+            cfg,
+            tokenizer=sp_folder,
+        )
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@needs_sp
+def test_config_json_path_and_jax_arrays(models, sp_folder, tmp_path):
+    import jax.numpy as jnp
+
+    cfg, w = models["gemma"]
+    (tmp_path / "config.json").write_text(__import__("json").dumps(cfg))
+    a = jquant.export_gguf(tmp_path / "a.gguf", w, cfg, tokenizer=sp_folder, ftype="q8_0")
+    b = jquant.export_gguf(
+        tmp_path / "b.gguf",
+        {k: jnp.asarray(v) for k, v in w.items()},
+        tmp_path / "config.json",
+        tokenizer=sp_folder,
+        ftype="q8_0",
+    )
+    assert a.read_bytes() == b.read_bytes()
