@@ -293,6 +293,8 @@ def sentencepiece_folder(folder: Path, config: dict, vocab: int = 320) -> Path:
         pad_id=-1,
         num_threads=1,
         minloglevel=2,
+        remove_extra_whitespaces=False,  # as Llama's and Gemma's tokenizers
+        normalization_rule_name="identity",
     )
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
     gemma = config["model_type"].startswith("gemma")

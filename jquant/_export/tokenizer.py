@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,19 @@ def read_sentencepiece(path: str | Path) -> list[tuple[bytes, float, int]]:
     if not pieces:
         raise FileFormatError(f"{path}: no SentencePiece pieces found; is it a tokenizer.model?")
     return pieces
+
+
+def sentencepiece_normalizer(path: str | Path) -> dict[str, bool]:
+    """``add_dummy_prefix`` and ``remove_extra_whitespaces`` of a ``tokenizer.model``."""
+    spec = {"add_dummy_prefix": True, "remove_extra_whitespaces": True}  # proto defaults
+    for field, wire, val in _fields(Path(path).read_bytes()):
+        if field == 3 and wire == 2:
+            for f, w, v in _fields(val):
+                if f == 3 and w == 0:
+                    spec["add_dummy_prefix"] = bool(v)
+                elif f == 4 and w == 0:
+                    spec["remove_extra_whitespaces"] = bool(v)
+    return spec
 
 
 def _looks_special(tok: str) -> bool:
@@ -228,6 +242,17 @@ def write_tokenizer(
         w.add_add_space_prefix(bool(cfg["add_prefix_space"]))
     if (folder / "tokenizer.model").is_file():
         tokens, scores, types, _ = _sentencepiece_vocab(folder, n_vocab)
+        spec = sentencepiece_normalizer(folder / "tokenizer.model")
+        if spec["remove_extra_whitespaces"]:
+            warnings.warn(
+                f"{folder}/tokenizer.model collapses runs of whitespace "
+                f"(remove_extra_whitespaces), which llama.cpp's SentencePiece tokenizer does "
+                f"not do: texts with repeated spaces will tokenize differently in llama.cpp",
+                UserWarning,
+                stacklevel=3,
+            )
+        if not spec["add_dummy_prefix"] and cfg.get("add_prefix_space") is None and not gemma:
+            w.add_add_space_prefix(False)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre(pre_tokenizer or "default")
         w.add_token_list(tokens)
