@@ -123,8 +123,7 @@ def test_required_metadata_keys(family, models, sp_folder, tmp_path):
     assert m[f"{a}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
     assert m[f"{a}.rope.freq_base"] == pytest.approx(cfg["rope_theta"])
     assert m["general.file_type"] == 1
-    if hd != cfg["hidden_size"] // cfg["num_attention_heads"] or family != "llama":
-        assert m[f"{a}.attention.key_length"] == hd == m[f"{a}.attention.value_length"]
+    assert m[f"{a}.attention.key_length"] == hd == m[f"{a}.attention.value_length"]
     if family == "gemma2":
         assert m["gemma2.attn_logit_softcapping"] == pytest.approx(5.0)
         assert m["gemma2.final_logit_softcapping"] == pytest.approx(3.0)

@@ -185,9 +185,9 @@ def write_hparams(w: Any, arch: Arch, config: Mapping[str, Any], ftype: int) -> 
     if local_theta is not None and arch.gguf_arch in ("gemma2", "gemma3"):
         w.add_rope_freq_base_swa(float(local_theta))
     w.add_layer_norm_rms_eps(float(_get(config, "rms_norm_eps", default=1e-6)))
-    if config.get("head_dim") is not None or hd != d // n_head or arch.gguf_arch != "llama":
-        w.add_key_length(hd)
-        w.add_value_length(hd)
+    # the converter's transformers config always has head_dim, so it always writes these
+    w.add_key_length(hd)
+    w.add_value_length(hd)
     w.add_file_type(ftype)
     if arch.gguf_arch == "llama":
         w.add_vocab_size(int(_need(config, "vocab_size")))

@@ -145,6 +145,7 @@ def export_gguf(
 
     w = gguf.GGUFWriter(None, arch.gguf_arch)
     default_name = str(cfg.get("_name_or_path") or arch.model_type).rstrip("/").split("/")[-1]
+    w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or default_name)
     write_hparams(w, arch, cfg, FTYPES[key][0])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
