@@ -131,6 +131,33 @@ def export_gguf(
           llama.cpp name.
         ShapeError: a tensor whose shape does not match the config.
         FileWriteError: ``path`` can't be written (no partial file is left).
+
+    Example:
+        >>> import json, os, tempfile, numpy as np, jquant
+        >>> d = tempfile.mkdtemp()
+        >>> tok = {"model": {"type": "BPE", "vocab": {c: i for i, c in enumerate("abcdefgh")},
+        ...        "merges": []}, "added_tokens": []}
+        >>> _ = open(os.path.join(d, "tokenizer.json"), "w").write(json.dumps(tok))
+        >>> cfg = {"model_type": "llama", "vocab_size": 8, "hidden_size": 32,
+        ...        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        >>> shapes = {"model.embed_tokens.weight": (8, 32), "model.norm.weight": (32,),
+        ...           "lm_head.weight": (8, 32)}
+        >>> for n, s in [("input_layernorm", (32,)), ("post_attention_layernorm", (32,)),
+        ...              ("self_attn.q_proj", (32, 32)), ("self_attn.k_proj", (32, 32)),
+        ...              ("self_attn.v_proj", (32, 32)), ("self_attn.o_proj", (32, 32)),
+        ...              ("mlp.gate_proj", (64, 32)), ("mlp.up_proj", (64, 32)),
+        ...              ("mlp.down_proj", (32, 64))]:
+        ...     shapes[f"model.layers.0.{n}.weight"] = s
+        >>> rng = np.random.default_rng(0)
+        >>> weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+        >>> path = jquant.export_gguf(os.path.join(d, "m.gguf"), weights, cfg, tokenizer=d,
+        ...                           ftype="q8_0", pre_tokenizer="gpt-2")
+        >>> info = jquant.inspect_gguf(path)
+        >>> types = {t.name: t.type_name for t in info.tensors}
+        >>> info.metadata["general.architecture"], types["blk.0.attn_q.weight"]
+        ('llama', 'Q8_0')
+        >>> types["blk.0.attn_norm.weight"], "output.weight" in types
+        ('F32', True)
     """
     cfg = load_config(config)
     arch = arch_for(cfg)
