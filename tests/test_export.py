@@ -198,15 +198,24 @@ def test_errors_name_the_problem(models, sp_folder, tmp_path):
 
 
 @needs_sp
-def test_config_json_path_and_jax_arrays(models, sp_folder, tmp_path):
-    import jax.numpy as jnp
+def test_config_json_path_and_sharded_jax_arrays(models, sp_folder, tmp_path):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     cfg, w = models["gemma"]
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+
+    def put(a):
+        rows = a.ndim == 2 and a.shape[0] % len(jax.devices()) == 0
+        return jax.device_put(a, NamedSharding(mesh, PartitionSpec("x" if rows else None)))
+
+    sharded = {k: put(v) for k, v in w.items()}
+    assert any(len(v.sharding.device_set) > 1 for v in sharded.values())
     (tmp_path / "config.json").write_text(__import__("json").dumps(cfg))
     a = jquant.export_gguf(tmp_path / "a.gguf", w, cfg, tokenizer=sp_folder, ftype="q8_0")
     b = jquant.export_gguf(
         tmp_path / "b.gguf",
-        {k: jnp.asarray(v) for k, v in w.items()},
+        sharded,
         tmp_path / "config.json",
         tokenizer=sp_folder,
         ftype="q8_0",

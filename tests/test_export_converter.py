@@ -53,7 +53,7 @@ def hf_folder(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("ftype", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("ftype", ["f32", "f16", "bf16", "q8_0"])
 def test_same_file_as_convert_hf_to_gguf(hf_folder, ftype, tmp_path):
     import gguf
     from safetensors.numpy import load_file

@@ -29,6 +29,7 @@ import numpy as np
 
 from .._errors import QuantError, ShapeError
 from .arch import head_dim
+from .layout import host_array
 
 __all__ = ["SOURCES", "Lazy", "flatten", "to_hf"]
 
@@ -69,7 +70,7 @@ def flatten(tree: Any, sep: str = "/") -> dict[str, Any]:
 
 
 def _load(x: Any) -> np.ndarray:
-    return np.asarray(x.load() if hasattr(x, "load") else x)
+    return host_array(x)
 
 
 def _lazy(x: Any, shape: tuple[int, ...], f: Callable[[np.ndarray], np.ndarray]) -> Lazy:
@@ -253,8 +254,8 @@ class _Layer:
         self.dtype = getattr(x, "dtype", np.float32)
 
     def load(self) -> np.ndarray:
-        if hasattr(self.x, "load"):
-            return np.take(np.asarray(self.x.load()), self.i, axis=self.axis)
+        if hasattr(self.x, "load") or getattr(self.x, "is_fully_addressable", True) is False:
+            return np.take(host_array(self.x), self.i, axis=self.axis)
         return np.asarray(self.x[(slice(None),) * self.axis + (self.i,)])
 
 

@@ -17,7 +17,14 @@ import numpy as np
 from .._errors import QuantError, ShapeError
 from .arch import Arch, head_dim, llama3_rope_factors
 
-__all__ = ["ExportTensor", "permute_rotary", "plan_tensors", "shift_norm", "trim_vocab"]
+__all__ = [
+    "ExportTensor",
+    "host_array",
+    "permute_rotary",
+    "plan_tensors",
+    "shift_norm",
+    "trim_vocab",
+]
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -70,10 +77,19 @@ class ExportTensor:
 _DROP = re.compile(r"(\.rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
 
 
-def _loader(x: Any) -> Callable[[], np.ndarray]:
+def host_array(x: Any) -> np.ndarray:
+    """``x`` as a host numpy array; a JAX array other hosts hold shards of is gathered."""
     if hasattr(x, "load") and callable(x.load):
-        return x.load
-    return lambda: np.asarray(x)
+        return np.asarray(x.load())
+    if getattr(x, "is_fully_addressable", True) is False:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _loader(x: Any) -> Callable[[], np.ndarray]:
+    return lambda: host_array(x)
 
 
 def plan_tensors(
@@ -93,7 +109,8 @@ def plan_tensors(
     n_layer = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
-    tied = bool(config.get("tie_word_embeddings", arch.tied_only))
+    # HF's defaults: Llama unties, Gemma ties
+    tied = bool(config.get("tie_word_embeddings", arch.gguf_arch.startswith("gemma")))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch.upper()], n_layer)
     hd = head_dim(config)
     out: list[ExportTensor] = []
