@@ -221,3 +221,17 @@ def test_config_json_path_and_sharded_jax_arrays(models, sp_folder, tmp_path):
         ftype="q8_0",
     )
     assert a.read_bytes() == b.read_bytes()
+
+
+@needs_sp
+def test_gemma3_multimodal_checkpoint_exports_its_text_model(models, sp_folder, tmp_path):
+    cfg, w = models["gemma3"]
+    mm = {k.replace("model.", "model.language_model.", 1): v for k, v in w.items()}
+    mm["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((4, 4))
+    mm_cfg = {"model_type": "gemma3", "text_config": {**cfg, "model_type": "gemma3_text"}}
+    a = jquant.export_gguf(tmp_path / "a.gguf", w, cfg, tokenizer=sp_folder, ftype="f32")
+    with pytest.warns(UserWarning, match="1 vision tensor"):
+        b = jquant.export_gguf(tmp_path / "b.gguf", mm, mm_cfg, tokenizer=sp_folder, ftype="f32")
+    ta, tb = jquant.load_gguf(a), jquant.load_gguf(b)
+    assert set(ta) == set(tb)
+    assert all(np.array_equal(ta[k].to_bytes(), tb[k].to_bytes()) for k in ta)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,6 +76,7 @@ class ExportTensor:
 
 
 _DROP = re.compile(r"(\.rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
+_VISION = re.compile(r"(^|\.)(vision_tower|vision_model|multi_modal_projector)\.")
 
 
 def host_array(x: Any) -> np.ndarray:
@@ -115,12 +117,17 @@ def plan_tensors(
     hd = head_dim(config)
     out: list[ExportTensor] = []
     seen: dict[str, str] = {}
+    vision = []
     for src, x in weights.items():
         if _DROP.search(src):
             continue
+        if _VISION.search(src):
+            vision.append(src)
+            continue
         if src == "lm_head.weight" and (arch.tied_only or tied):
             continue
-        new = names.get_name(src, try_suffixes=(".weight", ".bias"))
+        # multimodal checkpoints (Gemma 3) nest the text model under language_model
+        new = names.get_name(src.replace("language_model.", ""), try_suffixes=(".weight", ".bias"))
         if new is None:
             raise QuantError(
                 f"tensor {src!r} has no llama.cpp name for architecture {arch.gguf_arch!r}; "
@@ -148,6 +155,13 @@ def plan_tensors(
             steps.append(lambda a, s=src: trim_vocab(a, n_vocab, s))
         _check_shape(new, src, shape, config, hd, n_head, n_kv)
         out.append(ExportTensor(new, shape, _chain(_loader(x), steps), src))
+    if vision:
+        warnings.warn(
+            f"skipped {len(vision)} vision tensor(s) ({vision[0]}, ...): llama.cpp reads a "
+            f"vision tower from a separate mmproj file, which jquant does not write",
+            UserWarning,
+            stacklevel=3,
+        )
     if "token_embd.weight" not in seen:
         raise QuantError("weights have no token embedding (model.embed_tokens.weight)")
     factors = llama3_rope_factors(config) if arch.gguf_arch == "llama" else None
