@@ -235,3 +235,47 @@ def test_gemma3_multimodal_checkpoint_exports_its_text_model(models, sp_folder, 
     ta, tb = jquant.load_gguf(a), jquant.load_gguf(b)
     assert set(ta) == set(tb)
     assert all(np.array_equal(ta[k].to_bytes(), tb[k].to_bytes()) for k in ta)
+
+
+def _permute(w, n):
+    # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute, written out
+    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@needs_sp
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_layout_rules_in_the_file(family, models, sp_folder, tmp_path):
+    cfg, w = models[family]
+    path = jquant.export_gguf(tmp_path / "m.gguf", w, cfg, tokenizer=sp_folder, ftype="f32")
+    t = {k: np.asarray(jquant.dequantize_tensor(v)) for k, v in jquant.load_gguf(path).items()}
+    q, k = w["model.layers.1.self_attn.q_proj.weight"], w["model.layers.1.self_attn.k_proj.weight"]
+    norm = w["model.layers.1.input_layernorm.weight"]
+    np.testing.assert_array_equal(t["token_embd.weight"], w["model.embed_tokens.weight"])
+    if family == "llama":  # rotary permutation, K with the KV head count; norms as they are
+        np.testing.assert_array_equal(t["blk.1.attn_q.weight"], _permute(q, 4))
+        np.testing.assert_array_equal(t["blk.1.attn_k.weight"], _permute(k, 2))
+        assert not np.array_equal(_permute(k, 2), _permute(k, 4))
+        np.testing.assert_array_equal(t["blk.1.attn_norm.weight"], norm)
+        np.testing.assert_array_equal(t["output.weight"], w["lm_head.weight"])
+    else:  # no permutation; every norm, QK-norms included, stored as 1 + scale
+        np.testing.assert_array_equal(t["blk.1.attn_q.weight"], q)
+        np.testing.assert_array_equal(t["blk.1.attn_k.weight"], k)
+        np.testing.assert_array_equal(t["blk.1.attn_norm.weight"], norm + np.float32(1))
+        qn = w["model.layers.1.self_attn.q_norm.weight"]
+        np.testing.assert_array_equal(t["blk.1.attn_q_norm.weight"], qn + np.float32(1))
+        post = w["model.layers.1.post_feedforward_layernorm.weight"]
+        np.testing.assert_array_equal(t["blk.1.post_ffw_norm.weight"], post + np.float32(1))
+
+
+@needs_sp
+def test_nested_hf_dict(models, sp_folder, tmp_path):
+    cfg, w = models["llama"]
+    nested: dict = {}
+    for name, a in w.items():
+        head, _, leaf = name.rpartition(".")
+        nested.setdefault(head, {})[leaf] = a
+    a = jquant.export_gguf(tmp_path / "a.gguf", w, cfg, tokenizer=sp_folder, ftype="f16")
+    b = jquant.export_gguf(tmp_path / "b.gguf", nested, cfg, tokenizer=sp_folder, ftype="f16")
+    ta, tb = jquant.load_gguf(a), jquant.load_gguf(b)  # same tensors (in jax's key order)
+    assert set(ta) == set(tb)
+    assert all(np.array_equal(ta[k].to_bytes(), tb[k].to_bytes()) for k in ta)

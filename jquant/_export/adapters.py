@@ -311,7 +311,7 @@ def from_maxtext(tree: Any, config: Mapping[str, Any], scan_axis: int = 1) -> di
 def to_hf(weights: Any, config: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``weights`` from ``source`` as ``{hf_name: tensor}`` in HF's ``(out, in)`` layout."""
     if source == "hf":
-        return dict(weights)
+        return flatten(weights, sep=".")
     if source == "flax":
         return from_flax(weights)
     if source == "gemma":

@@ -166,7 +166,7 @@ def export_gguf(
         tensor_type("x.weight", (32, 32), key)  # raises the message
     if source not in SOURCES:
         raise QuantError(f"source {source!r} is not one of {', '.join(SOURCES)}")
-    hf = to_hf(weights, cfg, source) if source != "hf" else dict(weights)
+    hf = to_hf(weights, cfg, source)
 
     import gguf
 
