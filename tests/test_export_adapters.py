@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -145,81 +146,84 @@ def _interleave(w):  # HF halves (.., hd) -> Meta/MaxText pairs
     return out
 
 
-def maxtext_tree(hf, cfg):
-    gemma = cfg["model_type"].startswith("gemma")
+def maxtext_tree(hf, cfg, scanned=True):
+    """MaxText's layout, as its ckpt_conversion strategies (llama.py, gemma.py) write it."""
+    mt = cfg["model_type"]
+    gemma, g2, g3 = mt.startswith("gemma"), mt == "gemma2", mt.startswith("gemma3")
     n, k, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
     hd = cfg.get("head_dim") or d // n
     L = cfg["num_hidden_layers"]
-    qscale = (cfg.get("query_pre_attn_scalar") or hd) ** -0.5 if gemma else hd**-0.5
+    qscale = np.float32(1.0 if g3 else hd**-0.5)
+    rope = (lambda w: w) if gemma else _interleave
 
     def kernel(w, nh):  # HF (nh*hd, d) -> MaxText (d, nh, hd)
         return w.T.reshape(d, nh, hd)
 
-    def stack(fn):  # scanned along param_scan_axis=1
-        return np.stack([fn(f"model.layers.{i}.") for i in range(L)], axis=1)
-
     def norm(w):
         return w + np.float32(1) if gemma else w
 
-    rope = (lambda w: w) if gemma else _interleave
-    layers = {
-        "pre_self_attention_layer_norm": {
-            "scale": stack(lambda p: norm(hf[p + "input_layernorm.weight"]))
-        },
-        "self_attention": {
-            "query": {
-                "kernel": stack(
-                    lambda p: (
-                        rope(kernel(hf[p + "self_attn.q_proj.weight"], n)) * np.float32(qscale)
-                    )
-                )
-            },
-            "key": {"kernel": stack(lambda p: rope(kernel(hf[p + "self_attn.k_proj.weight"], k)))},
-            "value": {"kernel": stack(lambda p: kernel(hf[p + "self_attn.v_proj.weight"], k))},
-            "out": {
-                "kernel": stack(lambda p: hf[p + "self_attn.o_proj.weight"].T.reshape(n, hd, d))
-            },
-        },
-        "mlp": {
-            "wi_0": {"kernel": stack(lambda p: hf[p + "mlp.gate_proj.weight"].T)},
-            "wi_1": {"kernel": stack(lambda p: hf[p + "mlp.up_proj.weight"].T)},
-            "wo": {"kernel": stack(lambda p: hf[p + "mlp.down_proj.weight"].T)},
-        },
-    }
-    if gemma:
-        layers["post_self_attention_norm"] = {
-            "scale": stack(lambda p: norm(hf[p + "post_attention_layernorm.weight"]))
+    def params(p):  # one HF layer -> MaxText's names for it
+        attn = {
+            "query": {"kernel": rope(kernel(hf[p + "self_attn.q_proj.weight"], n)) * qscale},
+            "key": {"kernel": rope(kernel(hf[p + "self_attn.k_proj.weight"], k))},
+            "value": {"kernel": kernel(hf[p + "self_attn.v_proj.weight"], k)},
+            "out": {"kernel": hf[p + "self_attn.o_proj.weight"].T.reshape(n, hd, d)},
         }
-        layers["pre_ffw_norm"] = {
-            "scale": stack(lambda p: norm(hf[p + "pre_feedforward_layernorm.weight"]))
+        if g3:
+            attn["query_norm"] = {"scale": norm(hf[p + "self_attn.q_norm.weight"])}
+            attn["key_norm"] = {"scale": norm(hf[p + "self_attn.k_norm.weight"])}
+        mlp = {
+            "wi_0": {"kernel": hf[p + "mlp.gate_proj.weight"].T},
+            "wi_1": {"kernel": hf[p + "mlp.up_proj.weight"].T},
+            "wo": {"kernel": hf[p + "mlp.down_proj.weight"].T},
         }
-        layers["post_ffw_norm"] = {
-            "scale": stack(lambda p: norm(hf[p + "post_feedforward_layernorm.weight"]))
-        }
+        out = {"self_attention": attn, "mlp": mlp}
+        if gemma:
+            out["pre_self_attention_norm"] = {"scale": norm(hf[p + "input_layernorm.weight"])}
+            out["post_self_attention_norm"] = {
+                "scale": norm(hf[p + "post_attention_layernorm.weight"])
+            }
+            out["pre_ffw_norm"] = {"scale": norm(hf[p + "pre_feedforward_layernorm.weight"])}
+            out["post_ffw_norm"] = {"scale": norm(hf[p + "post_feedforward_layernorm.weight"])}
+        else:
+            out["pre_self_attention_layer_norm"] = {"scale": hf[p + "input_layernorm.weight"]}
+            out["post_self_attention_layer_norm"] = {
+                "scale": hf[p + "post_attention_layernorm.weight"]
+            }
+        return out
+
+    def layer(j):  # one MaxText layer: Gemma 2 pairs (local 2j, global 2j + 1)
+        if not g2:
+            return params(f"model.layers.{j}.")
+        out = {}
+        for suffix, i in (("_local", 2 * j), ("_global", 2 * j + 1)):
+            for name, v in params(f"model.layers.{i}.").items():
+                out[name + suffix] = v
+        return out
+
+    n_mt = L // 2 if g2 else L
+    layers = [layer(j) for j in range(n_mt)]
+    decoder = {"decoder_norm": {"scale": norm(hf["model.norm.weight"])}}
+    if scanned:  # stacked on param_scan_axis=1
+        decoder["layers"] = jax.tree.map(lambda *a: np.stack(a, axis=1), *layers)
     else:
-        layers["post_self_attention_layer_norm"] = {
-            "scale": stack(lambda p: hf[p + "post_attention_layernorm.weight"])
-        }
-    emb = hf["model.embed_tokens.weight"]
-    decoder = {"layers": layers, "decoder_norm": {"scale": norm(hf["model.norm.weight"])}}
+        decoder.update({f"layers_{j}": t for j, t in enumerate(layers)})
     if "lm_head.weight" in hf:
         decoder["logits_dense"] = {"kernel": hf["lm_head.weight"].T}
-    return {
-        "params": {
-            "token_embedder": {"embedding": emb * np.float32(math.sqrt(d)) if gemma else emb},
-            "decoder": decoder,
-        }
-    }
+    emb = hf["model.embed_tokens.weight"]
+    emb = emb * np.float32(math.sqrt(d)) if gemma else emb
+    return {"params": {"token_embedder": {"embedding": emb}, "decoder": decoder}}
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_maxtext_tree_exports_like_hf(family, sp_folder, tmp_path):
+@pytest.mark.parametrize(
+    "family,scanned", [("llama", True), ("llama", False), ("gemma2", True), ("gemma3", False)]
+)
+def test_maxtext_tree_exports_like_hf(family, scanned, sp_folder, tmp_path):
     cfg, hf = _model(family, sp_folder)
+    tree = maxtext_tree(hf, cfg, scanned)
     # Llama's query scale (1/4) and Gemma's sqrt(d) = 8 are powers of two: exact; the
     # Gemma norms' (w + 1) - 1 round in float32
-    _same_export(
-        hf, maxtext_tree(hf, cfg), "maxtext", cfg, sp_folder, tmp_path, exact=family == "llama"
-    )
+    _same_export(hf, tree, "maxtext", cfg, sp_folder, tmp_path, exact=family == "llama")
 
 
 def test_maxtext_unstacks_jax_arrays_lazily():

@@ -9,11 +9,13 @@
   ``(2, F, d)`` or ``(2, d, F)``, ``mlp/linear`` ``(F, d)``, ``*_norm/scale``). Its
   norms already hold the raw ``scale`` of ``x * (1 + scale)``, as HF's Gemma weights do.
 * ``"maxtext"``: MaxText's decoder (``token_embedder``, ``decoder/layers/...`` scanned
-  along axis 1, or ``decoder/layers_{i}`` unscanned). Its checkpoint converters fold
-  constants in, which are undone here: queries pre-scaled by ``head_dim ** -0.5`` (by
-  ``query_pre_attn_scalar ** -0.5`` for Gemma 2/3), Gemma's embedding pre-multiplied by
-  ``sqrt(d)`` and Gemma norms stored as ``1 + scale``; Llama's Q/K rotary dimensions are
-  interleaved (Meta's layout) and are put back in HF's halves order.
+  along axis 1, or ``decoder/layers_{i}`` unscanned; Gemma 2's ``*_local``/``*_global``
+  pairs are layers ``2j`` and ``2j + 1``). MaxText's checkpoint converters
+  (``utils/ckpt_conversion/strategies``) fold constants in, which are undone here: queries
+  pre-scaled by ``head_dim ** -0.5`` (Llama, Gemma, Gemma 2; not Gemma 3), Gemma's
+  embedding pre-multiplied by ``sqrt(d)`` (rounded to bfloat16 for Gemma 3), Gemma norms
+  (QK-norms too) stored as ``1 + scale``; Llama's Q/K rotary dimensions are interleaved
+  (Meta's layout) and are put back in HF's halves order.
 
 Each adapter returns ``{hf_name: lazy tensor}``; nothing is read until written.
 """
@@ -190,13 +192,15 @@ def from_gemma(tree: Any, config: Mapping[str, Any]) -> dict[str, Any]:
 
 # -- MaxText ---------------------------------------------------------------------------
 
+# MaxText layer parameter (``_local``/``_global`` suffixes of Gemma 2's paired layers
+# removed) -> HF name inside the layer
 _MT_LAYER = {
     "pre_self_attention_layer_norm": "input_layernorm",
-    "pre_self_attention_norm": "input_layernorm",
     "post_self_attention_layer_norm": "post_attention_layernorm",
+    "pre_self_attention_norm": "input_layernorm",
+    "post_self_attention_norm": "post_attention_layernorm",
     "pre_ffw_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
-    "post_self_attention_norm": "post_attention_layernorm",
     "self_attention/query_norm": "self_attn.q_norm",
     "self_attention/key_norm": "self_attn.k_norm",
     "self_attention/query": "self_attn.q_proj",
@@ -214,18 +218,26 @@ def _interleaved_to_halves(w: np.ndarray) -> np.ndarray:
     return np.concatenate([w[..., 0::2], w[..., 1::2]], axis=-1)
 
 
+def _embedding_normalizer(config: Mapping[str, Any]) -> np.float32:
+    d = int(config["hidden_size"])
+    if config["model_type"].startswith("gemma3"):
+        import ml_dtypes  # MaxText's Gemma 3 converter rounds sqrt(d) to bfloat16
+
+        return np.float32(ml_dtypes.bfloat16(d**0.5))
+    return np.float32(d**0.5)
+
+
 def _maxtext_tensor(kind: str, a: np.ndarray, config: Mapping[str, Any]) -> np.ndarray:
     mt = config["model_type"]
     gemma = mt.startswith("gemma")
-    hd = head_dim(config)
-    a = np.asarray(a, np.float32) if a.dtype.kind == "f" and a.dtype.itemsize < 4 else a
+    if a.dtype.kind == "f" and a.dtype.itemsize < 4:
+        a = a.astype(np.float32)
     if kind.endswith("norm") and gemma:
-        return a - np.asarray(1, a.dtype)
+        return a - np.float32(1)
     if kind in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         # kernel (d, N, H) -> HF (N*H, d)
-        if kind == "self_attn.q_proj":
-            scalar = float(config.get("query_pre_attn_scalar") or hd) if gemma else float(hd)
-            a = a * np.asarray(math.sqrt(scalar), a.dtype)
+        if kind == "self_attn.q_proj" and not mt.startswith("gemma3"):
+            a = a * np.float32(math.sqrt(head_dim(config)))
         if not gemma and kind in ("self_attn.q_proj", "self_attn.k_proj"):
             a = _interleaved_to_halves(a)
         return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
@@ -259,20 +271,33 @@ class _Layer:
         return np.asarray(self.x[(slice(None),) * self.axis + (self.i,)])
 
 
+def _mt_layer_param(rest: str) -> tuple[str, int, int]:
+    """(HF name in the layer, layers per MaxText layer, offset) of a layer parameter path."""
+    head, sep, tail = rest.partition("/")
+    stride, offset = 1, 0
+    for suffix, off in (("_local", 0), ("_global", 1)):  # Gemma 2: (local, global) pairs
+        if head.endswith(suffix):
+            head, stride, offset = head[: -len(suffix)], 2, off
+    key = head + sep + tail
+    if key not in _MT_LAYER:
+        raise QuantError(f"MaxText decoder parameter {rest!r} is not supported")
+    return _MT_LAYER[key], stride, offset
+
+
 def from_maxtext(tree: Any, config: Mapping[str, Any], scan_axis: int = 1) -> dict[str, Any]:
     """HF names for a MaxText decoder parameter tree (see the module docs)."""
     flat = _strip(flatten(tree), ("params",))
     n_layer = int(config["num_hidden_layers"])
     gemma = config["model_type"].startswith("gemma")
-    sqrt_d = math.sqrt(int(config["hidden_size"]))
     out: dict[str, Any] = {}
     for path, x in flat.items():
         path = re.sub(r"/(kernel|scale|embedding)$", "", path)
         s = tuple(int(v) for v in x.shape)
         if path == "token_embedder":
             if gemma:
+                norm = _embedding_normalizer(config)
                 out["model.embed_tokens.weight"] = _lazy(
-                    x, s, lambda a: np.asarray(a, np.float32) / np.float32(sqrt_d)
+                    x, s, lambda a, n=norm: np.asarray(a, np.float32) / n
                 )
             else:
                 out["model.embed_tokens.weight"] = x
@@ -286,23 +311,25 @@ def from_maxtext(tree: Any, config: Mapping[str, Any], scan_axis: int = 1) -> di
             out["lm_head.weight"] = _lazy(x, s[::-1], lambda a: np.ascontiguousarray(a.T))
             continue
         m = re.fullmatch(r"decoder/layers(?:_(\d+))?/(.+)", path)
-        if m is None or m.group(2) not in _MT_LAYER:
+        if m is None:
             raise QuantError(f"MaxText tree entry {path!r} is not a supported decoder parameter")
-        kind = _MT_LAYER[m.group(2)]
+        kind, stride, offset = _mt_layer_param(m.group(2))
         if m.group(1) is not None:
-            out[f"model.layers.{m.group(1)}.{kind}.weight"] = _lazy(
+            i = int(m.group(1)) * stride + offset
+            out[f"model.layers.{i}.{kind}.weight"] = _lazy(
                 x, _mt_shape(kind, s), lambda a, k=kind: _maxtext_tensor(k, a, config)
             )
             continue
-        if s[scan_axis] != n_layer:
+        n_scan = n_layer // stride
+        if len(s) <= scan_axis or s[scan_axis] != n_scan:
             raise ShapeError(
-                f"MaxText scanned {path!r} has shape {s}; expected {n_layer} layers on axis "
+                f"MaxText scanned {path!r} has shape {s}; expected {n_scan} layers on axis "
                 f"{scan_axis} (param_scan_axis)"
             )
         one = s[:scan_axis] + s[scan_axis + 1 :]
-        for i in range(n_layer):
-            layer = _Layer(x, scan_axis, i, one)
-            out[f"model.layers.{i}.{kind}.weight"] = _lazy(
+        for j in range(n_scan):
+            layer = _Layer(x, scan_axis, j, one)
+            out[f"model.layers.{j * stride + offset}.{kind}.weight"] = _lazy(
                 layer, _mt_shape(kind, one), lambda a, k=kind: _maxtext_tensor(k, a, config)
             )
     return out
