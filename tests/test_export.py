@@ -194,6 +194,9 @@ def test_errors_name_the_problem(models, sp_folder, tmp_path):
             cfg,
             tokenizer=sp_folder,
         )
+    partial = {k: v for k, v in w.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(jquant.QuantError, match="layer 1 lacks ffn_up.weight"):
+        jquant.export_gguf(tmp_path / "m.gguf", partial, cfg, tokenizer=sp_folder)
     assert not (tmp_path / "m.gguf").exists()
 
 

@@ -162,12 +162,33 @@ def plan_tensors(
             UserWarning,
             stacklevel=3,
         )
-    if "token_embd.weight" not in seen:
-        raise QuantError("weights have no token embedding (model.embed_tokens.weight)")
+    _check_complete(seen, n_layer)
     factors = llama3_rope_factors(config) if arch.gguf_arch == "llama" else None
     if factors is not None:
         out.append(ExportTensor("rope_freqs.weight", factors.shape, lambda: factors, "(config)"))
     return out
+
+
+def _check_complete(seen: Mapping[str, str], n_layer: int) -> None:
+    """Every layer has the same tensors, and the embedding and final norm are there."""
+    for name, hf in (("token_embd.weight", "embed_tokens"), ("output_norm.weight", "norm")):
+        if name not in seen:
+            raise QuantError(f"weights have no {name} (HF model.{hf}.weight)")
+    layers: dict[int, set[str]] = {i: set() for i in range(n_layer)}
+    for name in seen:
+        if name.startswith("blk."):
+            _, i, rest = name.split(".", 2)
+            if int(i) >= n_layer:
+                raise QuantError(f"{seen[name]!r} is beyond the config's {n_layer} layers")
+            layers[int(i)].add(rest)
+    every = set().union(*layers.values())
+    for i, have in layers.items():
+        if have != every:
+            missing = sorted(every - have)
+            raise QuantError(
+                f"layer {i} lacks {', '.join(missing)} (llama.cpp names) that other layers have; "
+                f"is the checkpoint complete?"
+            )
 
 
 def _chain(load: Callable[[], Any], steps: list[Callable[[np.ndarray], np.ndarray]]):
