@@ -35,7 +35,7 @@ MISSING = [
     for m in ("torch", "transformers", "sentencepiece", "safetensors")
     if importlib.util.find_spec(m) is None
 ]
-pytestmark = pytest.mark.skipif(
+needs_converter = pytest.mark.skipif(
     not CONVERTER.is_file() or MISSING,
     reason=f"needs LLAMA_CPP_SRC/convert_hf_to_gguf.py and {MISSING or 'its deps'}",
 )
@@ -53,6 +53,7 @@ def hf_folder(tmp_path_factory):
     return d
 
 
+@needs_converter
 @pytest.mark.parametrize("ftype", ["f32", "f16", "bf16", "q8_0"])
 def test_same_file_as_convert_hf_to_gguf(hf_folder, ftype, tmp_path):
     import gguf
@@ -96,3 +97,34 @@ def test_same_file_as_convert_hf_to_gguf(hf_folder, ftype, tmp_path):
     for k, f in fa.items():
         assert f.types == fb[k].types, k
         assert f.contents() == fb[k].contents(), k
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None
+    or importlib.util.find_spec("tokenizers") is None,
+    reason="needs transformers and tokenizers",
+)
+def test_pre_tokenizer_hash_is_the_converters(tmp_path, monkeypatch):
+    # convert_hf_to_gguf hashes AutoTokenizer(...).encode(chktxt); jquant uses tokenizers
+    # directly: the ids, and so the name found, must be the same
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from jquant._export import tokenizer as tok_mod
+    from jquant._export.pretok import CHECK_TEXT
+
+    folder = R.bpe_folder(tmp_path / "bpe", R.llama_config(300))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|begin|>",
+                "eos_token": "<|end|>",
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
+    ids = AutoTokenizer.from_pretrained(str(folder)).encode(CHECK_TEXT)
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()
+    monkeypatch.setitem(tok_mod.PRE_TOKENIZERS, digest, "test-name")
+    assert tok_mod.detect_pre_tokenizer(folder) == "test-name"
