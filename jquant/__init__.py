@@ -26,6 +26,7 @@ from ._errors import ScaleOverflowError as ScaleOverflowError
 from ._errors import ShapeError as ShapeError
 from ._errors import UnknownFormatError as UnknownFormatError
 from ._errors import UnsupportedDTypeError as UnsupportedDTypeError
+from ._export import export_gguf as export_gguf
 from ._formats.quant_type import QuantType as QuantType
 from ._io.gguf import GGUFInfo as GGUFInfo
 from ._io.gguf import GGUFTensorInfo as GGUFTensorInfo
@@ -68,6 +69,7 @@ __all__ = [
     "dequantize_model",
     "dequantize_tensor",
     "dot",
+    "export_gguf",
     "inspect_gguf",
     "load_gguf",
     "merge_calibration",

@@ -33,6 +33,7 @@ from .. import __version__
 from .._core.blocks import error_stats, error_sums
 from .._core.tensor import human_bytes
 from .._errors import FileFormatError, FileWriteError, QuantError
+from .._export.cli import add_export_command, export_dir, model_dir_for
 from .._formats.quant_type import QuantType
 from .._formats.registry import DEFAULT_FORMAT, SMALL_FORMAT, formats
 from .._io.gguf import K_TENSORS, gguf_name, inspect_gguf
@@ -56,6 +57,7 @@ examples:
   jquant quantize model.safetensors -t {_SMALL} --rule 'embed|lm_head={_DEFAULT}' --rule 'norm=keep' -o out.gguf
   jquant quantize params.npz -t {_DEFAULT} -o params.gguf --json
   jquant inspect model-{_SMALL}.gguf
+  jquant export hf_model/ -t {_DEFAULT} -o model-{_DEFAULT}.gguf      a model llama.cpp runs (Llama, Gemma 1-3)
   jquant compare model.safetensors model-{_SMALL}.gguf
 
 exit codes:
@@ -125,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("original", help="the original .safetensors, .npz or .gguf file")
     c.add_argument("quantized", help="the quantized file (usually .gguf)")
     c.add_argument("--json", action="store_true", help="print JSON")
+
+    add_export_command(command)
     return p
 
 
@@ -261,6 +265,10 @@ def _progress(quiet: bool, verb: str = "quantizing"):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
 
+    # a .safetensors with an HF config.json and tokenizer beside it: a llama.cpp model
+    folder = None if args.rule else model_dir_for(args.input, args.type)
+    if folder is not None:
+        return _export_model(args, folder, args.type or "q8_0", files=[args.input])
     rules = _rules(args)
     sources, meta = read_sources(args.input)
     meta = dict(meta)
@@ -313,6 +321,46 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         console.print(
             f"wrote {args.output}: {human_bytes(file_size)} ({report.bits_per_weight:.2f} bits/weight, "
             f"{report.compression_ratio:.2f}x smaller than the input tensors) in {elapsed:.1f} s"
+        )
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    return _export_model(args, args.dir, args.type)
+
+
+def _export_model(args: argparse.Namespace, folder: Any, ftype: str, files=None) -> int:
+    as_json = getattr(args, "json", False)
+    prog, callback = _progress(args.quiet or as_json, "exporting")
+    t0 = time.perf_counter()
+    with prog if prog is not None else contextlib.nullcontext():
+        export_dir(
+            folder,
+            args.output,
+            ftype,
+            source=getattr(args, "source", "auto"),
+            tokenizer=getattr(args, "tokenizer", None),
+            pre_tokenizer=getattr(args, "pre_tokenizer", None),
+            files=files,
+            progress=callback,
+        )
+    elapsed = time.perf_counter() - t0
+    size = os.path.getsize(args.output)
+    if as_json:
+        _print_json(
+            {
+                "input": str(files[0] if files else folder),
+                "output": args.output,
+                "ftype": ftype,
+                "file_size": size,
+                "seconds": elapsed,
+                "llama_cpp_model": True,
+            }
+        )
+    elif not args.quiet:
+        _console().print(
+            f"wrote {args.output}: a llama.cpp model ({ftype}, {human_bytes(size)}) from "
+            f"{files[0] if files else folder} in {elapsed:.1f} s"
         )
     return EXIT_OK
 
@@ -559,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quantize": cmd_quantize,
         "inspect": cmd_inspect,
         "compare": cmd_compare,
+        "export": cmd_export,
         None: cmd_demo,
     }
     if args.command is None:

@@ -1,0 +1,200 @@
+"""Whole-model GGUF export: :func:`export_gguf`."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._core.quantize import quantize_tensor
+from .._errors import QuantError
+from .._formats.quant_type import QuantType
+from .._io.gguf_file import Entry, write_gguf
+from .adapters import SOURCES, to_hf
+from .arch import arch_for, write_hparams
+from .layout import plan_tensors
+from .tokenizer import tokenizer_size, write_tokenizer
+
+__all__ = ["FTYPES", "export_gguf", "tensor_type"]
+
+# llama.cpp ftype name -> (gguf.LlamaFileType value, the format of the big matrices)
+FTYPES: dict[str, tuple[int, QuantType]] = {
+    "f32": (0, QuantType.F32),
+    "f16": (1, QuantType.F16),
+    "bf16": (32, QuantType.BF16),
+    "q8_0": (7, QuantType.Q8_0),
+}
+
+
+def tensor_type(name: str, shape: tuple[int, ...], ftype: str) -> QuantType:
+    """The GGML format llama.cpp's converter gives tensor ``name`` in a file of ``ftype``.
+
+    The one place a tensor's format is chosen: llama-quantize's per-tensor mixes
+    (Q4_K_M, ...) plug in here. As ``convert_hf_to_gguf.py``: 1-D tensors, norms and
+    non-``.weight`` tensors are F32; the rest take the ftype's format, falling back to
+    F16 where rows are not a multiple of the block size.
+
+    Example:
+        >>> tensor_type("blk.0.attn_norm.weight", (64,), "q8_0").name
+        'F32'
+        >>> tensor_type("blk.0.attn_q.weight", (64, 64), "q8_0").name
+        'Q8_0'
+        >>> tensor_type("blk.0.attn_q.weight", (64, 40), "q8_0").name
+        'F16'
+    """
+    key = ftype.lower()
+    if key not in FTYPES:
+        raise QuantError(
+            f"ftype {ftype!r} is not supported yet; use one of {', '.join(FTYPES)} (llama.cpp "
+            f"mixes such as q4_k_m come with jquant's llama-quantize rules)"
+        )
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return QuantType.F32
+    qt = FTYPES[key][1]
+    if qt.is_block_quantized and shape[-1] % qt.block_size:
+        return QuantType.F16
+    return qt
+
+
+def load_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """A HF config as a dict (a ``config.json`` path or a dict; ``text_config`` merged)."""
+    if not isinstance(config, Mapping):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    cfg = dict(config)
+    if isinstance(cfg.get("text_config"), Mapping):  # Gemma 3 multimodal configs
+        text = dict(cfg["text_config"])
+        text.setdefault("model_type", "gemma3")
+        if text["model_type"] == "gemma3_text":
+            text["model_type"] = "gemma3"
+        cfg = {**cfg, **text}
+    return cfg
+
+
+def _produce(load: Callable[[], np.ndarray], qt: QuantType, name: str):
+    def produce() -> np.ndarray:
+        x = load()
+        return quantize_tensor(np.asarray(x), qt, name=name).to_bytes()
+
+    return produce
+
+
+def export_gguf(
+    path: str | os.PathLike,
+    weights: Mapping[str, Any],
+    config: Mapping[str, Any] | str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike,
+    ftype: str = "f16",
+    source: str = "hf",
+    pre_tokenizer: str | None = None,
+    name: str | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    """Write a model as a GGUF file that llama.cpp (and Ollama) load and run.
+
+    Supported ``config["model_type"]``: ``llama`` (and Mistral-style checkpoints),
+    ``gemma``, ``gemma2``, ``gemma3``. Tensors get llama.cpp's names and layouts (Llama's
+    Q/K rotary permutation, Gemma's ``1 + scale`` norms, the embedding trimmed to the
+    written vocabulary) and the file llama.cpp's metadata keys, as its
+    ``convert_hf_to_gguf.py`` writes them. Tensors are read, transformed, quantized and
+    written one at a time (the file is replaced atomically once complete).
+
+    Args:
+        path: the ``.gguf`` file to write.
+        weights: tensor name -> array. With ``source="hf"``, Hugging Face parameter names
+          and HF's ``(out, in)`` layout (a transformers state dict, a safetensors file's
+          tensors); ``"flax"`` (HF Flax trees, ``kernel`` in ``(in, out)``), ``"gemma"``
+          (the gemma library's trees) and ``"maxtext"`` (MaxText's scanned decoder) are
+          converted first. Nested dicts are fine for those. Values may be numpy or JAX
+          arrays (sharded too), or objects with ``shape``, ``dtype`` and ``load()``.
+        config: the HF ``config.json`` (a path or a dict).
+        tokenizer: a folder with ``tokenizer.model`` (SentencePiece) and/or
+          ``tokenizer.json`` (BPE), plus ``tokenizer_config.json``.
+        ftype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` (see :func:`tensor_type`).
+        source: ``"hf"``, ``"flax"``, ``"gemma"`` or ``"maxtext"``.
+        pre_tokenizer: llama.cpp's BPE pre-tokenizer name; detected like llama.cpp's
+          converter does when ``None`` (needs ``tokenizers``).
+        name: ``general.name`` (default: the config's ``_name_or_path`` or the family).
+        progress: ``progress(bytes_done, bytes_total, tensor_name)`` after each tensor.
+
+    Returns:
+        The path written.
+
+    Raises:
+        QuantError: an unsupported architecture, ftype or tokenizer, or a tensor with no
+          llama.cpp name.
+        ShapeError: a tensor whose shape does not match the config.
+        FileWriteError: ``path`` can't be written (no partial file is left).
+
+    Example:
+        >>> import json, os, tempfile, numpy as np, jquant
+        >>> d = tempfile.mkdtemp()
+        >>> tok = {"model": {"type": "BPE", "vocab": {c: i for i, c in enumerate("abcdefgh")},
+        ...        "merges": []}, "added_tokens": []}
+        >>> _ = open(os.path.join(d, "tokenizer.json"), "w").write(json.dumps(tok))
+        >>> cfg = {"model_type": "llama", "vocab_size": 8, "hidden_size": 32,
+        ...        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        >>> shapes = {"model.embed_tokens.weight": (8, 32), "model.norm.weight": (32,),
+        ...           "lm_head.weight": (8, 32)}
+        >>> for n, s in [("input_layernorm", (32,)), ("post_attention_layernorm", (32,)),
+        ...              ("self_attn.q_proj", (32, 32)), ("self_attn.k_proj", (32, 32)),
+        ...              ("self_attn.v_proj", (32, 32)), ("self_attn.o_proj", (32, 32)),
+        ...              ("mlp.gate_proj", (64, 32)), ("mlp.up_proj", (64, 32)),
+        ...              ("mlp.down_proj", (32, 64))]:
+        ...     shapes[f"model.layers.0.{n}.weight"] = s
+        >>> rng = np.random.default_rng(0)
+        >>> weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+        >>> path = jquant.export_gguf(os.path.join(d, "m.gguf"), weights, cfg, tokenizer=d,
+        ...                           ftype="q8_0", pre_tokenizer="gpt-2")
+        >>> info = jquant.inspect_gguf(path)
+        >>> types = {t.name: t.type_name for t in info.tensors}
+        >>> info.metadata["general.architecture"], types["blk.0.attn_q.weight"]
+        ('llama', 'Q8_0')
+        >>> types["blk.0.attn_norm.weight"], "output.weight" in types
+        ('F32', True)
+    """
+    cfg = load_config(config)
+    arch = arch_for(cfg)
+    key = ftype.lower()
+    if key not in FTYPES:
+        tensor_type("x.weight", (32, 32), key)  # raises the message
+    if source not in SOURCES:
+        raise QuantError(f"source {source!r} is not one of {', '.join(SOURCES)}")
+    hf = to_hf(weights, cfg, source)
+
+    import gguf
+
+    w = gguf.GGUFWriter(None, arch.gguf_arch)
+    default_name = str(cfg.get("_name_or_path") or arch.model_type).rstrip("/").split("/")[-1]
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name or default_name)
+    write_hparams(w, arch, cfg, FTYPES[key][0])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    n_real = tokenizer_size(tokenizer)
+    n_vocab = n_real if arch.trim_vocab else int(cfg.get("vocab_size") or n_real)
+    write_tokenizer(
+        w,
+        tokenizer,
+        n_vocab=n_vocab,
+        model_type=arch.model_type,
+        sentencepiece_only=arch.sentencepiece_only,
+        pre_tokenizer=pre_tokenizer,
+    )
+    metadata: dict[str, Any] = {"general.architecture": arch.gguf_arch}
+    for k, v in w.kv_data[0].items():
+        if k != "general.architecture":
+            metadata[k] = (v.value, v.type, v.sub_type)
+
+    entries = []
+    for t in plan_tensors(hf, cfg, arch, n_vocab):
+        qt = tensor_type(t.name, t.shape, key)
+        entries.append(
+            Entry(t.name, "q", "float32", t.shape, qt.ggml_type, _produce(t.load, qt, t.name))
+        )
+    tree = {"d": [[e.path, {"i": i}] for i, e in enumerate(entries)]}
+    return write_gguf(path, entries, tree=tree, metadata=metadata, progress=progress)
