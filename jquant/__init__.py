@@ -26,6 +26,11 @@ from ._gguf import GGUFTensorInfo as GGUFTensorInfo
 from ._gguf import inspect_gguf as inspect_gguf
 from ._gguf import load_gguf as load_gguf
 from ._gguf import save_gguf as save_gguf
+from ._llama import ImportanceMatrix as ImportanceMatrix
+from ._llama import collect_imatrix as collect_imatrix
+from ._llama import convert_gguf as convert_gguf
+from ._llama import load_imatrix as load_imatrix
+from ._llama import save_imatrix as save_imatrix
 from ._model import dequantize_model as dequantize_model
 from ._model import quantize_model as quantize_model
 from ._quantize import dequantize_tensor as dequantize_tensor
@@ -48,6 +53,7 @@ __all__ = [
     "FileWriteError",
     "GGUFInfo",
     "GGUFTensorInfo",
+    "ImportanceMatrix",
     "LeafReport",
     "ModelReport",
     "NonFiniteError",
@@ -61,7 +67,9 @@ __all__ = [
     "UnsupportedDTypeError",
     "calibrate",
     "calibrate_activations",
+    "collect_imatrix",
     "compute_quantization_stats",
+    "convert_gguf",
     "convert_safetensors",
     "dense",
     "dequantize_affine",
@@ -70,9 +78,11 @@ __all__ = [
     "dot",
     "inspect_gguf",
     "load_gguf",
+    "load_imatrix",
     "merge_calibration",
     "quantize_affine",
     "quantize_model",
     "quantize_tensor",
     "save_gguf",
+    "save_imatrix",
 ]
