@@ -37,6 +37,7 @@ examples:
   jquant quantize model.safetensors -t q4_0 -o model-q4_0.gguf
   jquant quantize model.safetensors -t q4_0 --rule 'embed|lm_head=q8_0' --rule 'norm=keep' -o out.gguf
   jquant quantize params.npz -t q8_0 -o params.gguf --json
+  jquant quantize model-f16.gguf -t Q4_K_M -o model-Q4_K_M.gguf   (llama-quantize's drop-in)
   jquant inspect model-q4_0.gguf
   jquant compare model.safetensors model-q4_0.gguf
 
@@ -100,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    from ._llama.cli import add_arguments as add_llama_arguments
+
+    add_llama_arguments(q)
 
     i = command("inspect", "list a file's tensors, formats, shapes, sizes and metadata")
     i.add_argument("file", help="a .gguf, .safetensors or .npz file")
@@ -264,8 +268,12 @@ def _progress(quiet: bool, verb: str = "quantizing"):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from ._llama.cli import quantize_llama
     from ._safetensors import convert_sources, read_sources
 
+    rc = quantize_llama(args, _progress, _console, _print_json)  # llama.cpp GGUF inputs
+    if rc is not None:
+        return rc
     rules = _rules(args)
     sources, meta = read_sources(args.input)
     meta = dict(meta)

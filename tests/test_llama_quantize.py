@@ -1,0 +1,220 @@
+"""``convert_gguf`` / ``jquant quantize`` against llama.cpp's own quantizer, file for file.
+
+Oracle: ``llama_cpp.llama_model_quantize`` (llama-quantize's library) on two models built
+here (a GQA decoder with an untied output and rows of 256/512; a tied-output model with
+rows of 160/320). Tests skip where llama-cpp-python is absent, and skip with "needs
+K-quant kernels" / "needs weighted kernels" where this jquant can't encode a type yet.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import gguf
+import numpy as np
+import pytest
+
+import jquant
+from jquant._cli import main
+from jquant._gguf_file import read_header
+from jquant._llama.mixes import FTYPES, LlamaModelFacts, MixOptions, choose_types
+from jquant._llama.quantize import KernelUnavailableError
+
+from ._llama_models import HAVE_LLAMA, MODELS, llama_quantize, write_llama
+
+T = gguf.GGMLQuantizationType
+needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="needs llama-cpp-python")
+LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16"]
+KQUANT = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+ALL = LEGACY + KQUANT + ["IQ4_NL", "IQ4_XS"]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama_models")
+    return {name: write_llama(d / f"{name}-f16.gguf", **cfg) for name, cfg in MODELS.items()}
+
+
+_REFS: dict = {}
+
+
+def reference(models, tmp_path_factory, model: str, ftype: str, **options):
+    """llama.cpp's output for (model, ftype, options), computed once per session."""
+    key = (model, ftype, repr(sorted(options.items())))
+    if key not in _REFS:
+        d = tmp_path_factory.mktemp("ref")
+        out = d / f"{model}-{ftype}.gguf"
+        llama_quantize(models[model], out, FTYPES[ftype], **options)
+        _REFS[key] = out
+    return _REFS[key]
+
+
+def jquant_or_skip(src, dst, ftype, **kw):
+    try:
+        return jquant.convert_gguf(src, dst, ftype, **kw)
+    except KernelUnavailableError as e:
+        weighted = "importance-weighted" in str(e)
+        pytest.skip(
+            ("needs weighted kernels: " if weighted else "needs K-quant kernels: ") + str(e)
+        )
+
+
+def assert_same_file(ours, ref):
+    a, b = read_header(ours), read_header(ref)
+    (ia, ma), (ib, mb) = a, b
+    assert [(t.name, t.type_name, t.shape) for t in ia.tensors] == [
+        (t.name, t.type_name, t.shape) for t in ib.tensors
+    ]
+    for ta, tb in zip(ia.tensors, ib.tensors, strict=True):
+        da = bytes(ma[ta.offset : ta.offset + ta.nbytes])
+        db = bytes(mb[tb.offset : tb.offset + tb.nbytes])
+        assert da == db, f"{ta.name} ({ta.type_name}): bytes differ"
+    assert ia.metadata == ib.metadata
+    assert list(ia.metadata) == list(ib.metadata)
+    assert open(ours, "rb").read() == open(ref, "rb").read()
+
+
+def types_of(path):
+    info, _ = read_header(path)
+    return {t.name: T(t.ggml_type) for t in info.tensors}
+
+
+@needs_llama
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("ftype", ALL)
+def test_mix_types_match_llama_cpp(models, tmp_path_factory, model, ftype):
+    ref = reference(models, tmp_path_factory, model, ftype)
+    info, _ = read_header(models[model])
+    ours = choose_types(
+        ftype,
+        [(t.name, t.shape, T(t.ggml_type)) for t in info.tensors],
+        LlamaModelFacts.from_metadata(info.metadata),
+    )
+    assert ours == types_of(ref)
+    assert read_header(ref)[0].metadata["general.file_type"] == FTYPES[ftype]
+
+
+@needs_llama
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("ftype", ALL)
+def test_file_matches_llama_cpp(models, tmp_path_factory, tmp_path, model, ftype):
+    ref = reference(models, tmp_path_factory, model, ftype)
+    out = tmp_path / "out.gguf"
+    report = jquant_or_skip(models[model], out, ftype)
+    assert_same_file(out, ref)
+    assert [r.format for r in report.rows] == [t.name for t in types_of(ref).values()]
+
+
+@needs_llama
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_legacy_bytes_on_the_gqa_model(models, tmp_path_factory, tmp_path, ftype):
+    # the default mix gives output.weight Q6_K; Q8_0 there proves every other tensor now
+    ref = reference(models, tmp_path_factory, "gqa", ftype, output_tensor_type=int(T.Q8_0))
+    out = tmp_path / "out.gguf"
+    jquant.convert_gguf(models["gqa"], out, ftype, output_tensor_type="q8_0")
+    assert_same_file(out, ref)
+
+
+OPTION_CASES = {
+    "pure": ("Q4_0", dict(pure=True), dict(pure=True)),
+    "tensor-type": (
+        "Q4_0",
+        dict(
+            tensor_types=[("attn_v", int(T.Q8_0)), ("ffn_down", int(T.Q5_1))], output_tensor_type=8
+        ),
+        dict(tensor_types=[("attn_v", "q8_0"), ("FFN_DOWN", "Q5_1")], output_tensor_type="Q8_0"),
+    ),
+    "token-embd+leave-output": (
+        "Q4_1",
+        dict(token_embedding_type=int(T.Q5_0), leave_output_tensor=True),
+        dict(token_embedding_type="q5_0", leave_output_tensor=True),
+    ),
+    "k-mix with overrides": (
+        "Q4_K_M",
+        dict(tensor_types=[("ffn", int(T.Q4_0)), ("attn", int(T.Q5_0))], output_tensor_type=8),
+        dict(tensor_types={"ffn": "q4_0", "attn": "q5_0"}, output_tensor_type="q8_0"),
+    ),
+}
+
+
+@needs_llama
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_match_llama_cpp(models, tmp_path_factory, tmp_path, case):
+    ftype, theirs, ours = OPTION_CASES[case]
+    ref = reference(models, tmp_path_factory, "gqa", ftype, **theirs)
+    out = tmp_path / "out.gguf"
+    jquant_or_skip(models["gqa"], out, ftype, **ours)
+    assert_same_file(out, ref)
+
+
+@needs_llama
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0"])
+def test_cli_is_a_drop_in(models, tmp_path_factory, tmp_path, ftype):
+    ref = reference(models, tmp_path_factory, "row160", ftype)
+    out = tmp_path / "out.gguf"
+    old = os.umask(0o022)
+    try:
+        rc = main(["quantize", str(models["row160"]), "-o", str(out), "-t", ftype.lower(), "-q"])
+    finally:
+        os.umask(old)
+    assert rc == 0
+    assert open(out, "rb").read() == open(ref, "rb").read()
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+
+
+@needs_llama
+def test_llama_cpp_runs_the_result(models, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "q8.gguf"
+    jquant.convert_gguf(models["gqa"], out, "Q8_0")
+    tokens = [1, 300, 301, 302, 303, 304, 305]
+
+    def logits(path):
+        m = llama_cpp.Llama(model_path=str(path), n_ctx=32, logits_all=True, verbose=False)
+        m.eval(tokens)
+        x = np.array(m.scores[: len(tokens)], np.float64)
+        m.close()
+        return x
+
+    ref, got = logits(models["gqa"]), logits(out)
+    assert np.all(np.isfinite(got))
+    corr = np.corrcoef(ref.ravel(), got.ravel())[0, 1]
+    assert corr > 0.99, corr
+
+
+def test_refuses_what_llama_cpp_cannot_use(models, tmp_path):
+    src = models["row160"]
+    # quantized 1-D tensors in a llama.cpp file: llama.cpp aborts on them
+    rc = main(["quantize", str(src), "-o", str(tmp_path / "x.gguf"), "-t", "q8_0", "--quantize-1d"])
+    assert rc == 5 and not (tmp_path / "x.gguf").exists()
+    # a llama.cpp ftype for a safetensors input: the architecture must come first
+    from safetensors.numpy import save_file
+
+    st = tmp_path / "m.safetensors"
+    save_file({"w": np.ones((64, 256), np.float32)}, str(st))
+    rc = main(["quantize", str(st), "-o", str(tmp_path / "y.gguf"), "-t", "Q4_K_M"])
+    assert rc == 5 and not (tmp_path / "y.gguf").exists()
+
+
+def test_error_names_the_problem(models, tmp_path, capsys):
+    with pytest.raises(jquant.UnknownFormatError, match="Q4_K_M"):
+        jquant.convert_gguf(models["row160"], tmp_path / "x.gguf", "Q4_K_X")
+    jq = tmp_path / "jq.gguf"
+    jquant.save_gguf(jq, {"w": np.ones((4, 64), np.float32)})
+    with pytest.raises(jquant.FileFormatError, match="convert_hf_to_gguf"):
+        jquant.convert_gguf(jq, tmp_path / "x.gguf", "Q8_0")
+    q8 = tmp_path / "q8.gguf"
+    jquant.convert_gguf(models["row160"], q8, "Q8_0")
+    with pytest.raises(jquant.QuantError, match="requantiz"):
+        jquant.convert_gguf(q8, tmp_path / "x.gguf", "Q4_0")
+
+
+def test_types_are_independent_of_tensor_order():
+    facts = LlamaModelFacts(arch="llama", n_layer=8, n_head=8, n_head_kv=2)
+    names = [
+        (f"blk.{i}.{k}.weight", (256, 256), T.F16) for i in range(8) for k in ("attn_v", "ffn_down")
+    ]
+    a = choose_types("Q4_K_M", names, facts, MixOptions())
+    b = choose_types("Q4_K_M", names[::-1], facts, MixOptions())
+    assert a == b
