@@ -293,7 +293,7 @@ def _dot_stats(eqn, tags, env_read):
     return out
 
 
-_PASS = {"convert_element_type", "copy", "copy_p"}
+_PASS = {"convert_element_type", "copy", "copy_p", "transpose"}
 
 
 def _interpret(jaxpr, consts, args, tags, acc):
