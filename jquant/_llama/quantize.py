@@ -109,11 +109,48 @@ def encode_tensor(x: Any, ggml_type: Any, importance: np.ndarray | None = None) 
                 f"jquant has no importance-weighted {t.name} kernel yet; quantize without "
                 f"--imatrix, or exclude this tensor with --exclude-weights"
             )
+        # the weights follow the columns: whole rows, in buckets of rows
         w = np.asarray(importance, np.float32)
-        q = quantize_tensor(x, qtype, imatrix=w, check=False)  # type: ignore[call-arg]
-    else:
-        q = quantize_tensor(x, qtype, check=False)
-    return np.ascontiguousarray(q.to_bytes()).tobytes()
+        rows = x.reshape(-1, x.shape[-1] if x.ndim else 1)
+        return _chunked(
+            rows,
+            lambda part: quantize_tensor(part, qtype, imatrix=w, check=False),  # type: ignore[call-arg]
+            rows_per_chunk=max(1, _CHUNK_VALUES // rows.shape[1]),
+        )
+    # Blocks don't depend on where they sit in a row, so every tensor is cut into chunks
+    # of whole blocks of a few fixed sizes: a handful of compiled kernels serve any model
+    # (and the persistent compilation cache serves the next run).
+    block = 256 if t in _FLOATS else GGML_QUANT_SIZES[t][0]
+    flat = x.reshape(-1)
+    n = flat.size
+    if n % block:
+        if t not in _FLOATS:  # pragma: no cover - the mix's fallbacks prevent this
+            raise QuantError(f"{n} values are not whole {t.name} blocks")
+        flat = np.concatenate([flat, np.zeros(-n % block, np.float32)])
+    data = _chunked(
+        flat.reshape(-1, block),
+        lambda part: quantize_tensor(part, qtype, check=False),
+        rows_per_chunk=_CHUNK_VALUES // block,
+    )
+    return data[: n * GGML_QUANT_SIZES[t][1] // GGML_QUANT_SIZES[t][0]]
+
+
+_CHUNK_VALUES = 1 << 21  # values per kernel call: 8 MiB of float32
+_MIN_ROWS = 256
+
+
+def _chunked(rows: np.ndarray, quantize: Callable[[np.ndarray], Any], rows_per_chunk: int) -> bytes:
+    """Quantize ``rows`` in chunks of ``rows_per_chunk`` (the last padded to a power of 2)."""
+    out = []
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        part = rows[start : start + rows_per_chunk]
+        n = part.shape[0]
+        size = rows_per_chunk if n == rows_per_chunk else max(_MIN_ROWS, 1 << (n - 1).bit_length())
+        size = min(size, rows_per_chunk)
+        if size != n:
+            part = np.concatenate([part, np.zeros((size - n, part.shape[1]), np.float32)])
+        out.append(np.asarray(quantize(part).to_bytes())[:n].tobytes())
+    return b"".join(out)
 
 
 # -- reading ---------------------------------------------------------------------------
