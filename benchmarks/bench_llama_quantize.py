@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,12 +52,20 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 """
 
 
+_CPU: list[float] = []
+
+
 def _time(cmd: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of one process; its CPU seconds (user + sys) go to _CPU."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
-    return time.perf_counter() - t
+    _CPU.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return wall
 
 
 def _pick_ftype(requested: str) -> tuple[str, bool]:
@@ -108,15 +117,20 @@ def main() -> None:
             ]
             jq += ["--output-tensor-type", "q8_0"] if force_output else []
             first = _time(jq, env)
+            _CPU.clear()
             jq_times = [_time(jq, env) for _ in range(args.repeats)]
+            jq_cpu = statistics.median(_CPU)
             ll = [sys.executable, "-c", LLAMA_CODE, str(src), out, str(FTYPES[ftype])]
             ll += ["8"] if force_output else []
+            _CPU.clear()
             ll_times = [_time(ll, env) for _ in range(args.repeats)]
+            ll_cpu = statistics.median(_CPU)
             j, ll_med = statistics.median(jq_times), statistics.median(ll_times)
-            rows.append((label, n_params, first, j, ll_med, ll_med / j))
+            rows.append((label, n_params, first, j, ll_med, ll_med / j, jq_cpu, ll_cpu))
             print(
                 f"{label}: ~{n_params / 1e6:.0f}M params, jquant first {first:.2f} s, "
-                f"jquant {j:.2f} s, llama.cpp {ll_med:.2f} s, speed-up {ll_med / j:.2f}x"
+                f"jquant {j:.2f} s ({jq_cpu:.2f} s CPU), llama.cpp {ll_med:.2f} s "
+                f"({ll_cpu:.2f} s CPU), speed-up {ll_med / j:.2f}x"
             )
     md = [
         f"# jquant quantize vs llama.cpp ({ftype}{', output Q8_0' if force_output else ''}, "
@@ -124,13 +138,17 @@ def main() -> None:
         "",
         machine(),
         "",
-        "| model | params | jquant 1st run | jquant (median) | llama.cpp nthread=2 (median) | "
-        "llama.cpp / jquant |",
-        "|---|---:|---:|---:|---:|---:|",
+        "Wall time of the whole process (median of the runs after the first), and its CPU "
+        "time (user + sys), which a busy machine inflates less.",
+        "",
+        "| model | params | jquant 1st run | jquant | llama.cpp nthread=2 | llama.cpp / jquant "
+        "| jquant CPU | llama.cpp CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, n, first, j, ll, r in rows:
+    for label, n, first, j, ll, r, jc, lc in rows:
         md.append(
-            f"| {label} | {n / 1e6:.0f}M | {first:.2f} s | {j:.2f} s | {ll:.2f} s | {r:.2f}x |"
+            f"| {label} | {n / 1e6:.0f}M | {first:.2f} s | {j:.2f} s | {ll:.2f} s | {r:.2f}x "
+            f"| {jc:.2f} s | {lc:.2f} s |"
         )
     path = write_result("llama_quantize", "\n".join(md))
     print("\n".join(md))

@@ -218,3 +218,14 @@ def test_types_are_independent_of_tensor_order():
     a = choose_types("Q4_K_M", names, facts, MixOptions())
     b = choose_types("Q4_K_M", names[::-1], facts, MixOptions())
     assert a == b
+
+
+@needs_llama
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q5_1", "F16", "BF16"])
+def test_float32_input_matches_llama_cpp(tmp_path, ftype):
+    src = write_llama(tmp_path / "f32.gguf", dtype=np.float32, **MODELS["row160"])
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(src, ref, FTYPES[ftype])
+    out = tmp_path / "out.gguf"
+    jquant.convert_gguf(src, out, ftype)
+    assert_same_file(out, ref)

@@ -102,7 +102,9 @@ def encode_tensor(x: Any, ggml_type: Any, importance: np.ndarray | None = None) 
             f"separate change); choose a legacy ftype (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or "
             f"force types with --tensor-type / --output-tensor-type"
         ) from None
-    x = np.asarray(x, np.float32)
+    x = np.asarray(x)
+    if x.dtype.name not in ("float16", "bfloat16", "float32"):
+        x = x.astype(np.float32)  # F16/BF16 go to the kernel as they are (exactly widened there)
     if importance is not None and t not in _FLOATS and t != T.Q8_0:
         if not _takes_imatrix():
             raise KernelUnavailableError(
@@ -126,7 +128,7 @@ def encode_tensor(x: Any, ggml_type: Any, importance: np.ndarray | None = None) 
     if n % block:
         if t not in _FLOATS:  # pragma: no cover - the mix's fallbacks prevent this
             raise QuantError(f"{n} values are not whole {t.name} blocks")
-        flat = np.concatenate([flat, np.zeros(-n % block, np.float32)])
+        flat = np.concatenate([flat, np.zeros(-n % block, flat.dtype)])
     data = _chunked(
         flat.reshape(-1, block),
         lambda part: quantize_tensor(part, qtype, check=False),
@@ -141,16 +143,16 @@ _MIN_ROWS = 256
 
 def _chunked(rows: np.ndarray, quantize: Callable[[np.ndarray], Any], rows_per_chunk: int) -> bytes:
     """Quantize ``rows`` in chunks of ``rows_per_chunk`` (the last padded to a power of 2)."""
-    out = []
+    pending = []
     for start in range(0, rows.shape[0], rows_per_chunk):
         part = rows[start : start + rows_per_chunk]
         n = part.shape[0]
         size = rows_per_chunk if n == rows_per_chunk else max(_MIN_ROWS, 1 << (n - 1).bit_length())
         size = min(size, rows_per_chunk)
         if size != n:
-            part = np.concatenate([part, np.zeros((size - n, part.shape[1]), np.float32)])
-        out.append(np.asarray(quantize(part).to_bytes())[:n].tobytes())
-    return b"".join(out)
+            part = np.concatenate([part, np.zeros((size - n, part.shape[1]), part.dtype)])
+        pending.append((quantize(part), n))  # dispatched asynchronously: chunks overlap
+    return b"".join(np.asarray(q.to_bytes())[:n].tobytes() for q, n in pending)
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -213,14 +215,16 @@ def _kv_str(key: str, s: str) -> bytes:
 
 
 def _as_float32(info, mm, t) -> np.ndarray:
-    """A tensor's values as float32 (the float types converted exactly)."""
+    """A tensor's values: F32/F16/BF16 as stored (exact in float32), others dequantized."""
     raw = np.asarray(mm[t.offset : t.offset + t.nbytes])
     if t.ggml_type == T.F32:
         return raw.view("<f4").reshape(t.shape)
     if t.ggml_type == T.F16:
-        return raw.view("<f2").reshape(t.shape).astype(np.float32)
+        return raw.view("<f2").reshape(t.shape)
     if t.ggml_type == T.BF16:
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+        import ml_dtypes
+
+        return raw.view(ml_dtypes.bfloat16).reshape(t.shape)
     from .._gguf import decode_tensor
     from .._quantize import dequantize_tensor
 
