@@ -87,7 +87,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ftype", default="Q4_K_M")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="the small model only, one run")
     args = ap.parse_args()
+    sizes = {"llama-small": SIZES["llama-small"]} if args.quick else SIZES
+    if args.quick:
+        args.repeats = 1
     from jquant._llama.mixes import FTYPES
 
     ftype, force_output = _pick_ftype(args.ftype)
@@ -98,7 +102,7 @@ def main() -> None:
     env["JQUANT_CACHE_DIR"] = cache  # a fresh cache: the first run compiles, later ones reuse
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for label, cfg in SIZES.items():
+        for label, cfg in sizes.items():
             src = Path(d) / f"{label}-f16.gguf"
             write_llama(src, **cfg)
             n_params = (src.stat().st_size) // 2
@@ -150,7 +154,7 @@ def main() -> None:
             f"| {label} | {n / 1e6:.0f}M | {first:.2f} s | {j:.2f} s | {ll:.2f} s | {r:.2f}x "
             f"| {jc:.2f} s | {lc:.2f} s |"
         )
-    path = write_result("llama_quantize", "\n".join(md))
+    path = write_result("llama_quantize" + ("_quick" if args.quick else ""), "\n".join(md))
     print("\n".join(md))
     print(f"wrote {path}")
 
