@@ -29,6 +29,7 @@ from ._gguf import save_gguf as save_gguf
 from ._llama import ImportanceMatrix as ImportanceMatrix
 from ._llama import collect_imatrix as collect_imatrix
 from ._llama import convert_gguf as convert_gguf
+from ._llama import llama_tensor_types as llama_tensor_types
 from ._llama import load_imatrix as load_imatrix
 from ._llama import save_imatrix as save_imatrix
 from ._model import dequantize_model as dequantize_model
@@ -77,6 +78,7 @@ __all__ = [
     "dequantize_tensor",
     "dot",
     "inspect_gguf",
+    "llama_tensor_types",
     "load_gguf",
     "load_imatrix",
     "merge_calibration",

@@ -268,7 +268,7 @@ def _progress(quiet: bool, verb: str = "quantizing"):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ._llama.cli import quantize_llama
+    from ._llama.cli import JQUANT_ARCH_NOTE, quantize_llama
     from ._safetensors import convert_sources, read_sources
 
     rc = quantize_llama(args, _progress, _console, _print_json)  # llama.cpp GGUF inputs
@@ -327,6 +327,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"wrote {args.output}: {human_bytes(file_size)} ({report.bits_per_weight:.2f} bits/weight, "
             f"{report.compression_ratio:.2f}x smaller than the input tensors) in {elapsed:.1f} s"
         )
+        if "general.architecture" not in meta:  # safetensors / npz / jquant inputs
+            console.print(f"[yellow]note:[/] {JQUANT_ARCH_NOTE}")
     return EXIT_OK
 
 

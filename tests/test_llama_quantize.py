@@ -229,3 +229,25 @@ def test_float32_input_matches_llama_cpp(tmp_path, ftype):
     out = tmp_path / "out.gguf"
     jquant.convert_gguf(src, out, ftype)
     assert_same_file(out, ref)
+
+
+def test_a_second_conversion_compiles_nothing(models, tmp_path):
+    from jquant._quantize import _quantize_jit
+
+    jquant.convert_gguf(models["row160"], tmp_path / "a.gguf", "Q5_0")
+    before = _quantize_jit._cache_size()
+    jquant.convert_gguf(models["row160"], tmp_path / "b.gguf", "Q5_0")
+    assert _quantize_jit._cache_size() == before
+    # tensors are cut into chunks of a few fixed sizes: another model reuses most kernels
+    jquant.convert_gguf(models["gqa"], tmp_path / "c.gguf", "Q5_0", output_tensor_type="q5_0")
+    assert _quantize_jit._cache_size() - before <= 3
+
+
+def test_llama_tensor_types_is_the_dry_run(models, tmp_path):
+    types = jquant.llama_tensor_types(models["gqa"], "Q4_K_M")
+    report = jquant.convert_gguf(models["row160"], tmp_path / "x.gguf", "Q4_0")
+    assert [r.format for r in report.rows] == list(
+        jquant.llama_tensor_types(models["row160"], "Q4_0").values()
+    )
+    assert types["output.weight"] == "Q6_K" and types["blk.0.attn_v.weight"] == "Q6_K"
+    assert types["blk.2.attn_v.weight"] == "Q4_K" and types["output_norm.weight"] == "F32"

@@ -17,7 +17,13 @@ from typing import Any
 from .._errors import QuantError, UnknownFormatError
 from .mixes import FTYPES, parse_ftype
 
-__all__ = ["add_arguments", "quantize_llama"]
+__all__ = ["JQUANT_ARCH_NOTE", "add_arguments", "quantize_llama"]
+
+JQUANT_ARCH_NOTE = (
+    "this file's general.architecture is 'jquant': jquant.load_gguf and gguf-py read it, "
+    "llama.cpp doesn't (unknown model architecture). For llama.cpp, convert the checkpoint "
+    "with llama.cpp's convert_hf_to_gguf.py and quantize that GGUF with jquant quantize."
+)
 
 _LLAMA_ONLY = (
     "pure",

@@ -41,6 +41,7 @@ from .mixes import (
 
 __all__ = [
     "KernelUnavailableError",
+    "llama_tensor_types",
     "can_encode",
     "convert_gguf",
     "encode_tensor",
@@ -349,20 +350,14 @@ def convert_gguf(
             f"{meta.get('general.architecture')!r}); llama.cpp's file types need the "
             f"architecture metadata that llama.cpp's convert_hf_to_gguf.py writes"
         )
-    if isinstance(tensor_types, Mapping):
-        tensor_types = list(tensor_types.items())
     weights, im, im_path = _weights_for(imatrix, include_weights, exclude_weights)
-    options = MixOptions(
-        pure=pure,
-        tensor_types=tuple((p.lower(), parse_ggml_type(t)) for p, t in tensor_types),
-        output_tensor_type=None
-        if output_tensor_type is None
-        else parse_ggml_type(output_tensor_type),
-        token_embedding_type=None
-        if token_embedding_type is None
-        else parse_ggml_type(token_embedding_type),
-        quantize_output_tensor=not leave_output_tensor,
-        has_imatrix=weights is not None,
+    options = _options(
+        pure,
+        tensor_types,
+        output_tensor_type,
+        token_embedding_type,
+        leave_output_tensor,
+        weights is not None,
     )
     facts = LlamaModelFacts.from_metadata(meta)
     by_name = {t.name: t for t in info.tensors}
@@ -480,6 +475,74 @@ def convert_gguf(
             except OSError:
                 pass
     return ModelReport(tuple(rows), ())
+
+
+def _options(
+    pure, tensor_types, output_tensor_type, token_embedding_type, leave_output_tensor, has_imatrix
+) -> MixOptions:
+    if isinstance(tensor_types, Mapping):
+        tensor_types = list(tensor_types.items())
+    return MixOptions(
+        pure=pure,
+        tensor_types=tuple((p.lower(), parse_ggml_type(t)) for p, t in tensor_types),
+        output_tensor_type=None
+        if output_tensor_type is None
+        else parse_ggml_type(output_tensor_type),
+        token_embedding_type=None
+        if token_embedding_type is None
+        else parse_ggml_type(token_embedding_type),
+        quantize_output_tensor=not leave_output_tensor,
+        has_imatrix=has_imatrix,
+    )
+
+
+def llama_tensor_types(
+    src: str | os.PathLike,
+    ftype: str | int = "Q4_K_M",
+    *,
+    imatrix: bool = False,
+    pure: bool = False,
+    tensor_types: Sequence[tuple[str, Any]] | Mapping[str, Any] = (),
+    output_tensor_type: Any = None,
+    token_embedding_type: Any = None,
+    leave_output_tensor: bool = False,
+) -> dict[str, str]:
+    """The GGML type llama-quantize gives each tensor of a llama.cpp GGUF (no quantizing).
+
+    The mix that :func:`convert_gguf` writes, for a look before the work (like
+    ``llama-quantize --dry-run``). Options as in :func:`convert_gguf`; ``imatrix`` says
+    whether an importance matrix will be given (a few rules depend on it).
+
+    Returns:
+        ``{tensor name: GGML type name}`` in llama.cpp's tensor order.
+
+    Example:
+        >>> import os, tempfile, numpy as np, gguf, jquant
+        >>> src = os.path.join(tempfile.mkdtemp(), "m.gguf")
+        >>> w = gguf.GGUFWriter(src, "llama")
+        >>> w.add_block_count(1); w.add_head_count(8); w.add_head_count_kv(2)
+        >>> w.add_tensor("token_embd.weight", np.ones((10, 256), np.float16))
+        >>> w.add_tensor("output.weight", np.ones((10, 256), np.float16))
+        >>> w.add_tensor("blk.0.attn_v.weight", np.ones((64, 256), np.float16))
+        >>> w.add_tensor("blk.0.ffn_down.weight", np.ones((256, 96), np.float16))
+        >>> w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file()
+        >>> w.close()
+        >>> jquant.llama_tensor_types(src, "Q4_K_M")
+        {'output.weight': 'Q6_K', 'token_embd.weight': 'Q4_K', 'blk.0.attn_v.weight': 'Q6_K', 'blk.0.ffn_down.weight': 'Q8_0'}
+    """
+    info, _ = read_header(src)
+    if not is_llama_gguf(info.metadata):
+        raise FileFormatError(f"{os.fspath(src)} is not a llama.cpp GGUF")
+    options = _options(
+        pure, tensor_types, output_tensor_type, token_embedding_type, leave_output_tensor, imatrix
+    )
+    types = choose_types(
+        parse_ftype(ftype),
+        [(t.name, t.shape, T(t.ggml_type)) for t in info.tensors],
+        LlamaModelFacts.from_metadata(info.metadata),
+        options,
+    )
+    return {n: types[n].name for n in sort_tensor_names(list(types))}
 
 
 _REMOVED = ("split.no", "split.count", "split.tensors.count")
