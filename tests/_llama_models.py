@@ -133,6 +133,7 @@ def llama_quantize(
     imatrix: dict[str, np.ndarray] | None = None,
     kv_overrides: list[tuple[str, object]] | None = None,
     nthread: int = 1,
+    allow_requantize: bool = False,
 ) -> None:
     """``llama_model_quantize`` with llama-quantize's options (imatrix as weights)."""
     import llama_cpp
@@ -146,6 +147,7 @@ def llama_quantize(
     if token_embedding_type is not None:
         p.token_embedding_type = token_embedding_type
     p.pure = pure
+    p.allow_requantize = allow_requantize
     p.quantize_output_tensor = not leave_output_tensor
     keep = []
     if tensor_types:

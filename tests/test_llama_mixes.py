@@ -149,6 +149,7 @@ def test_llama_order():
 
 
 def _write(path, arch, kv, tensors):
+    rng = np.random.default_rng(1)
     w = gguf.GGUFWriter(str(path), arch)
     for k, v in kv.items():
         if isinstance(v, float):
@@ -157,7 +158,7 @@ def _write(path, arch, kv, tensors):
             w.add_uint32(k.format(arch=arch), v)
     for name, shape in tensors:
         dt = np.float32 if len(shape) == 1 else np.float16
-        w.add_tensor(name, np.full(shape, 0.01, dt))
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(dt))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -299,3 +300,16 @@ def test_types_match_llama_cpp_on_other_architectures(arch_models, tmp_path, arc
     )
     theirs = {t.name: T(t.ggml_type) for t in read_header(ref)[0].tensors}
     assert ours == theirs
+
+
+@pytest.mark.skipif(not HAVE_LLAMA, reason="needs llama-cpp-python")
+@pytest.mark.parametrize("arch", ["moe8", "bert", "falcon"])
+def test_files_match_llama_cpp_on_other_architectures(arch_models, tmp_path, arch):
+    # expert tensors (3-D), tensors llama.cpp keeps, a fused qkv: byte for byte
+    import jquant
+
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(arch_models[arch], ref, FTYPES["Q4_0"], output_tensor_type=int(T.Q8_0))
+    out = tmp_path / "out.gguf"
+    jquant.convert_gguf(arch_models[arch], out, "Q4_0", output_tensor_type="q8_0")
+    assert out.read_bytes() == ref.read_bytes()

@@ -204,6 +204,8 @@ def test_error_names_the_problem(models, tmp_path, capsys):
     jquant.save_gguf(jq, {"w": np.ones((4, 64), np.float32)})
     with pytest.raises(jquant.FileFormatError, match="convert_hf_to_gguf"):
         jquant.convert_gguf(jq, tmp_path / "x.gguf", "Q8_0")
+    with pytest.raises(jquant.QuantError, match="same file"):
+        jquant.convert_gguf(models["row160"], models["row160"], "Q8_0")
     q8 = tmp_path / "q8.gguf"
     jquant.convert_gguf(models["row160"], q8, "Q8_0")
     with pytest.raises(jquant.QuantError, match="requantiz"):
@@ -251,3 +253,13 @@ def test_llama_tensor_types_is_the_dry_run(models, tmp_path):
     )
     assert types["output.weight"] == "Q6_K" and types["blk.0.attn_v.weight"] == "Q6_K"
     assert types["blk.2.attn_v.weight"] == "Q4_K" and types["output_norm.weight"] == "F32"
+
+
+@needs_llama
+def test_requantize_matches_llama_cpp(models, tmp_path_factory, tmp_path):
+    q8 = reference(models, tmp_path_factory, "row160", "Q8_0")
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(q8, ref, FTYPES["Q4_1"], allow_requantize=True)
+    out = tmp_path / "out.gguf"
+    jquant.convert_gguf(q8, out, "Q4_1", allow_requantize=True)
+    assert_same_file(out, ref)

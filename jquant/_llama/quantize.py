@@ -350,6 +350,8 @@ def convert_gguf(
             f"{meta.get('general.architecture')!r}); llama.cpp's file types need the "
             f"architecture metadata that llama.cpp's convert_hf_to_gguf.py writes"
         )
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise QuantError(f"input and output are the same file: {os.fspath(dst)!r}")
     weights, im, im_path = _weights_for(imatrix, include_weights, exclude_weights)
     options = _options(
         pure,
