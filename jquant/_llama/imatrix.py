@@ -314,9 +314,8 @@ def _interpret(jaxpr, consts, args, tags, acc):
         if name == "dot_general":
             for k, s, n in _dot_stats(eqn, tags, read):
                 acc.setdefault(k, []).append((s, n))
-        if name in ("pjit", "jit", "closed_call", "custom_jvp_call", "remat", "checkpoint") and (
-            sub is not None
-        ):
+        calls = ("pjit", "jit", "closed_call", "custom_jvp_call", "custom_vjp_call", "remat")
+        if name in (*calls, "checkpoint") and (sub is not None):
             inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
             inner_consts = sub.consts if hasattr(sub, "consts") else []
             inner_tags = {
@@ -351,7 +350,10 @@ def collect_imatrix(
     a leaf of ``params`` (possibly cast): the other operand's values are squared and
     summed over all rows for each contracted column, and the rows counted, as
     llama-imatrix does for ``blk.*`` weights. Each batch is one chunk; the results
-    merge with :meth:`ImportanceMatrix.merge`.
+    merge with :meth:`ImportanceMatrix.merge`. Calls (``jit``, custom derivatives,
+    ``remat``) are followed; matmuls inside ``lax.scan``/``while_loop`` bodies (e.g.
+    ``nn.scan`` over layers) are not seen: unroll them for calibration. Unlike llama-imatrix,
+    batches of fewer than 16 rows are counted too.
 
     Args:
         fn: ``fn(params, batch)``, e.g. ``lambda p, x: model.apply({"params": p}, x)``.

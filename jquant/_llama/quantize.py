@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import re
 import struct
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +32,6 @@ from .mixes import (
     LlamaModelFacts,
     MixOptions,
     choose_types,
-    ftype_name,
     parse_ftype,
     parse_ggml_type,
     sort_tensor_names,
@@ -215,7 +213,7 @@ def _kv_str(key: str, s: str) -> bytes:
     return _kv(key, 8, struct.pack("<Q", len(b)) + b)
 
 
-def _as_float32(info, mm, t) -> np.ndarray:
+def _values(info, mm, t) -> np.ndarray:
     """A tensor's values: F32/F16/BF16 as stored (exact in float32), others dequantized."""
     raw = np.asarray(mm[t.offset : t.offset + t.nbytes])
     if t.ggml_type == T.F32:
@@ -438,7 +436,7 @@ def convert_gguf(
                     data = np.asarray(mm[p.offset : p.offset + p.nbytes_in]).tobytes()
                     reason = _why_kept(p, facts, options)
                 else:
-                    x = _as_float32(info, mm, by_name[p.name])
+                    x = _values(info, mm, by_name[p.name])
                     w = None if weights is None else weights.get(p.name)
                     data = _encode_experts(x, p, w)
                     reason = None
@@ -617,20 +615,3 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return os.fspath(path)
-
-
-def tensor_type_pairs(specs: Sequence[str]) -> list[tuple[str, T]]:
-    """Parse ``--tensor-type REGEX=TYPE`` arguments (the name is lowercased, as llama.cpp)."""
-    out = []
-    for s in specs:
-        pattern, sep, typ = s.partition("=")
-        if not sep or not pattern or not typ:
-            raise QuantError(f"--tensor-type {s!r} is not NAME=TYPE (e.g. attn_q=q8_0)")
-        re.compile(pattern)
-        out.append((pattern.lower(), parse_ggml_type(typ)))
-    return out
-
-
-def describe_ftype(ftype: int) -> str:
-    """``"Q4_K_M"`` for 15."""
-    return ftype_name(ftype)
