@@ -165,37 +165,39 @@ def _write(path, arch, kv, tensors):
     w.close()
 
 
-def _decoder(n_layer, n_embd, n_ff, n_kv, n_expert=0, qkv=False, bias=False):
+def _decoder(n_layer, n_embd, n_ff, n_kv, n_expert=0, qkv=False, bias=False, rows=None):
+    """Tensor names and shapes; ``rows`` caps every matrix's row count (types don't read it)."""
+    r = (lambda n: min(n, rows)) if rows else (lambda n: n)
     t = [("token_embd.weight", (64, n_embd)), ("output_norm.weight", (n_embd,))]
     t.append(("output.weight", (64, n_embd)))
     for i in range(n_layer):
         p = f"blk.{i}."
         t.append((p + "attn_norm.weight", (n_embd,)))
         if qkv:
-            t.append((p + "attn_qkv.weight", (n_embd + 2 * n_kv, n_embd)))
+            t.append((p + "attn_qkv.weight", (r(n_embd + 2 * n_kv), n_embd)))
         else:
             t += [
-                (p + "attn_q.weight", (n_embd, n_embd)),
-                (p + "attn_k.weight", (n_kv, n_embd)),
-                (p + "attn_v.weight", (n_kv, n_embd)),
+                (p + "attn_q.weight", (r(n_embd), n_embd)),
+                (p + "attn_k.weight", (r(n_kv), n_embd)),
+                (p + "attn_v.weight", (r(n_kv), n_embd)),
             ]
-        t.append((p + "attn_output.weight", (n_embd, n_embd)))
+        t.append((p + "attn_output.weight", (r(n_embd), n_embd)))
         if bias:
             t.append((p + "attn_output.bias", (n_embd,)))
         if n_expert:
             t += [
                 (p + "ffn_gate_inp.weight", (n_expert, n_embd)),
-                (p + "ffn_gate_exps.weight", (n_expert, n_ff, n_embd)),
-                (p + "ffn_up_exps.weight", (n_expert, n_ff, n_embd)),
-                (p + "ffn_down_exps.weight", (n_expert, n_embd, n_ff)),
+                (p + "ffn_gate_exps.weight", (n_expert, r(n_ff), n_embd)),
+                (p + "ffn_up_exps.weight", (n_expert, r(n_ff), n_embd)),
+                (p + "ffn_down_exps.weight", (n_expert, r(n_embd), n_ff)),
             ]
         else:
             t += [
-                (p + "ffn_up.weight", (n_ff, n_embd)),
-                (p + "ffn_down.weight", (n_embd, n_ff)),
+                (p + "ffn_up.weight", (r(n_ff), n_embd)),
+                (p + "ffn_down.weight", (r(n_embd), n_ff)),
             ]
             if not qkv:
-                t.append((p + "ffn_gate.weight", (n_ff, n_embd)))
+                t.append((p + "ffn_gate.weight", (r(n_ff), n_embd)))
     return t
 
 
@@ -226,7 +228,7 @@ ARCHS = {
             "{arch}.expert_used_count": 2,
             "{arch}.attention.layer_norm_rms_epsilon": 1e-5,
         },
-        _decoder(4, 256, 256, 256, n_expert=8),
+        _decoder(4, 256, 256, 256, n_expert=8, rows=32),
     ),
     "llama70b": (
         "llama",
@@ -239,7 +241,7 @@ ARCHS = {
             "{arch}.attention.head_count_kv": 1,
             "{arch}.attention.layer_norm_rms_epsilon": 1e-5,
         },
-        _decoder(80, 256, 256, 32),
+        _decoder(80, 256, 256, 32, rows=8),
     ),
     "bert": (
         "bert",
