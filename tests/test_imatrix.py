@@ -220,15 +220,16 @@ def test_quantize_with_imatrix_equals_llama_cpp(tmp_path, model, ftype):
 
 @needs_llama
 @pytest.mark.skipif(not oracle.HAVE_GGML, reason="needs libggml")
-def test_weights_reproduce_llama_quantize_tensor_by_tensor(tmp_path, model):
+@pytest.mark.parametrize("fmt", ["gguf", "dat"])
+def test_weights_reproduce_llama_quantize_tensor_by_tensor(tmp_path, model, fmt):
     """ggml_quantize_chunk with our in_sum2/count gives llama.cpp's bytes for every tensor.
 
     With the llama-quantize binary (set $LLAMA_QUANTIZE), llama.cpp reads the file itself;
     without it, llama_model_quantize gets the weights that llama-quantize would pass.
     """
     m = random_imatrix(model)
-    p = tmp_path / "imatrix.gguf"
-    jquant.save_imatrix(p, m)
+    p = tmp_path / f"imatrix.{fmt}"
+    jquant.save_imatrix(p, m, legacy=fmt == "dat")
     ref = tmp_path / "ref.gguf"
     exe = _bin()
     if exe:
