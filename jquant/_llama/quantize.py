@@ -392,20 +392,29 @@ def convert_gguf(
             if not can_encode(p.dst_type, weighted=w is not None):
                 encode_tensor(np.zeros((1, 256), np.float32), p.dst_type, w)  # raises
 
-    kvs = [(k, b) for k, b in _raw_kvs(mm) if k not in _REMOVED]
-    extra = [_kv_u32("general.quantization_version", _QNT_VERSION)]
-    extra.append(_kv_u32("general.file_type", ft))
-    if weights is not None:
-        extra.append(_kv_str("quantize.imatrix.file", (im_path or "")[:127]))
+    # llama.cpp sets these last (gguf_set_val_* removes a key and appends it), in this order
+    extra = [
+        ("general.quantization_version", _kv_u32("general.quantization_version", _QNT_VERSION)),
+        ("general.file_type", _kv_u32("general.file_type", ft)),
+    ]
+    if weights is not None:  # llama-quantize's tool adds these with an imatrix
+        extra.append(
+            ("quantize.imatrix.file", _kv_str("quantize.imatrix.file", (im_path or "")[:127]))
+        )
         if im is not None and im.datasets:
-            extra.append(_kv_str("quantize.imatrix.dataset", im.datasets[0][:127]))
-        extra.append(_kv_u32("quantize.imatrix.entries_count", len(weights)))
+            ds = im.datasets[0][:127]
+            extra.append(("quantize.imatrix.dataset", _kv_str("quantize.imatrix.dataset", ds)))
+        n = len(weights)
+        extra.append(
+            ("quantize.imatrix.entries_count", _kv_u32("quantize.imatrix.entries_count", n))
+        )
         if im is not None and im.chunk_count > 0:
-            extra.append(_kv_u32("quantize.imatrix.chunks_count", im.chunk_count))
-    new_keys = {"general.quantization_version", "general.file_type"}
-    if weights is not None:
-        new_keys |= {k for k in _IMATRIX_KEYS}
-    kv_bytes = [b for k, b in kvs if k not in new_keys] + extra
+            c = im.chunk_count
+            extra.append(
+                ("quantize.imatrix.chunks_count", _kv_u32("quantize.imatrix.chunks_count", c))
+            )
+    replaced = {k for k, _ in extra} | set(_REMOVED)
+    kv_bytes = [b for k, b in _raw_kvs(mm) if k not in replaced] + [b for _, b in extra]
 
     header = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(plans), len(kv_bytes)))
     for b in kv_bytes:
@@ -546,12 +555,6 @@ def llama_tensor_types(
 
 
 _REMOVED = ("split.no", "split.count", "split.tensors.count")
-_IMATRIX_KEYS = (
-    "quantize.imatrix.file",
-    "quantize.imatrix.dataset",
-    "quantize.imatrix.entries_count",
-    "quantize.imatrix.chunks_count",
-)
 
 
 def _umask() -> int:
