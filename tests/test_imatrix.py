@@ -18,6 +18,7 @@ from jquant._llama.mixes import FTYPES
 
 from . import _ggml_oracle as oracle
 from ._llama_models import HAVE_LLAMA, MODELS, llama_quantize, write_llama
+from .test_llama_quantize import ggml_kernels  # noqa: F401 (a fixture)
 
 T = gguf.GGMLQuantizationType
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="needs llama-cpp-python")
@@ -258,3 +259,38 @@ def test_weights_reproduce_llama_quantize_tensor_by_tensor(tmp_path, model, fmt)
         meta = info.metadata
         assert meta["quantize.imatrix.file"] == str(p)
         assert meta["quantize.imatrix.chunks_count"] == 7
+
+
+@needs_llama
+@pytest.mark.usefixtures("ggml_kernels")
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q4_K_M", "Q2_K", "IQ4_XS"])
+@pytest.mark.parametrize("arch", ["row160", "moe8"])
+def test_engine_with_imatrix_writes_llama_cpps_file(tmp_path, model, ftype, arch):
+    """With ggml's kernels in place of jquant's: the weights reach every tensor (and every
+    expert slice of a 3-D MoE tensor) as llama-quantize passes them."""
+    if arch == "moe8":
+        from .test_llama_mixes import ARCHS, _write
+
+        src = tmp_path / "moe8.gguf"
+        _write(src, *ARCHS["moe8"])
+    else:
+        src = model
+    info, _ = read_header(src)
+    rng = np.random.default_rng(3)
+    sums, counts = {}, {}
+    for t in info.tensors:
+        if t.name.startswith("blk.") and len(t.shape) >= 2 and "gate_inp" not in t.name:
+            n_mat = t.shape[0] if len(t.shape) == 3 else 1
+            sums[t.name] = rng.gamma(1.0, 50.0, (n_mat, t.shape[-1]))
+            counts[t.name] = rng.integers(0, 300, n_mat)  # an expert may have seen nothing
+    m = jquant.ImportanceMatrix(sums, counts, ("calib.txt",), 5, 512)
+    p = tmp_path / "imatrix.gguf"
+    jquant.save_imatrix(p, m)
+    loaded = jquant.load_imatrix(p)
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(
+        src, ref, FTYPES[ftype], imatrix=loaded.weights(), kv_overrides=_kv_overrides(p, loaded)
+    )
+    out = tmp_path / "out.gguf"
+    jquant.convert_gguf(src, out, ftype, imatrix=p)
+    assert out.read_bytes() == ref.read_bytes()

@@ -263,3 +263,45 @@ def test_requantize_matches_llama_cpp(models, tmp_path_factory, tmp_path):
     out = tmp_path / "out.gguf"
     jquant.convert_gguf(q8, out, "Q4_1", allow_requantize=True)
     assert_same_file(out, ref)
+
+
+# -- the engine with ggml's own kernels --------------------------------------------------
+
+
+@pytest.fixture
+def ggml_kernels(monkeypatch):
+    """Swap jquant's kernels for libggml's ``ggml_quantize_chunk`` (every type, weighted too).
+
+    What remains is jquant's engine: the mix, chunking and padding, expert slices of the
+    importance weights, the file layout. With these kernels it must write llama.cpp's file
+    for every ftype; with jquant's own kernels the tests above check the same.
+    """
+    import types
+
+    from jquant._llama import quantize as engine
+
+    from . import _ggml_oracle as oracle
+
+    if not oracle.HAVE_GGML:
+        pytest.skip("needs libggml")
+
+    def kernel(t, weighted):
+        def run(rows, w):
+            data = oracle.ggml_quantize(np.asarray(rows, np.float32), int(t), w)
+            return types.SimpleNamespace(to_bytes=lambda: data)
+
+        return run
+
+    monkeypatch.setattr(engine, "_kernel", kernel)
+
+
+@needs_llama
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("ftype", ALL)
+def test_engine_writes_llama_cpps_file(
+    models, tmp_path_factory, tmp_path, model, ftype, ggml_kernels
+):
+    ref = reference(models, tmp_path_factory, model, ftype)
+    out = tmp_path / "out.gguf"
+    jquant.convert_gguf(models[model], out, ftype)
+    assert_same_file(out, ref)

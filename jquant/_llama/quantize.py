@@ -62,16 +62,45 @@ def _takes_imatrix() -> bool:
     return "imatrix" in inspect.signature(quantize_tensor).parameters
 
 
-def can_encode(ggml_type: Any, weighted: bool = False) -> bool:
-    """Whether :func:`encode_tensor` can write ``ggml_type`` (with importance weights)."""
+def _kernel(t: T, weighted: bool) -> Callable[[np.ndarray, np.ndarray | None], Any]:
+    """jquant's kernel for ``t``: ``run(rows, weights)`` -> an object with ``to_bytes()``.
+
+    The one place that picks a kernel (``jquant.quantize_tensor``); raises
+    KernelUnavailableError up front when there is none.
+    """
+    from .._quantize import quantize_tensor
     from .._types import QuantType
 
+    try:
+        qtype = QuantType.parse(t)
+    except UnknownFormatError:
+        raise KernelUnavailableError(
+            f"jquant has no {t.name} kernel yet (the K-quant and IQ4 kernels come in a "
+            f"separate change); choose a legacy ftype (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or "
+            f"force types with --tensor-type / --output-tensor-type"
+        ) from None
+    if weighted and not _takes_imatrix():
+        raise KernelUnavailableError(
+            f"jquant has no importance-weighted {t.name} kernel yet; quantize without "
+            f"--imatrix, or exclude this tensor with --exclude-weights"
+        )
+
+    def run(rows: np.ndarray, w: np.ndarray | None) -> Any:
+        if w is None:
+            return quantize_tensor(rows, qtype, check=False)
+        return quantize_tensor(rows, qtype, imatrix=w, check=False)  # type: ignore[call-arg]
+
+    return run
+
+
+def can_encode(ggml_type: Any, weighted: bool = False) -> bool:
+    """Whether :func:`encode_tensor` can write ``ggml_type`` (with importance weights)."""
     t = parse_ggml_type(ggml_type)
     try:
-        QuantType.parse(t)
-    except UnknownFormatError:
+        _kernel(t, weighted and t not in _FLOATS and t != T.Q8_0)
+    except KernelUnavailableError:
         return False
-    return not weighted or t in _FLOATS or t == T.Q8_0 or _takes_imatrix()
+    return True
 
 
 def encode_tensor(x: Any, ggml_type: Any, importance: np.ndarray | None = None) -> bytes:
@@ -89,33 +118,19 @@ def encode_tensor(x: Any, ggml_type: Any, importance: np.ndarray | None = None) 
     Raises:
         KernelUnavailableError: this jquant has no (weighted) kernel for ``ggml_type``.
     """
-    from .._quantize import quantize_tensor
-    from .._types import QuantType
-
     t = parse_ggml_type(ggml_type)
-    try:
-        qtype = QuantType.parse(t)
-    except UnknownFormatError:
-        raise KernelUnavailableError(
-            f"jquant has no {t.name} kernel yet (the K-quant and IQ4 kernels come in a "
-            f"separate change); choose a legacy ftype (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or "
-            f"force types with --tensor-type / --output-tensor-type"
-        ) from None
+    weighted = importance is not None and t not in _FLOATS and t != T.Q8_0
+    kernel = _kernel(t, weighted)
     x = np.asarray(x)
     if x.dtype.name not in ("float16", "bfloat16", "float32"):
         x = x.astype(np.float32)  # F16/BF16 go to the kernel as they are (exactly widened there)
-    if importance is not None and t not in _FLOATS and t != T.Q8_0:
-        if not _takes_imatrix():
-            raise KernelUnavailableError(
-                f"jquant has no importance-weighted {t.name} kernel yet; quantize without "
-                f"--imatrix, or exclude this tensor with --exclude-weights"
-            )
+    if weighted:
         # the weights follow the columns: whole rows, in buckets of rows
         w = np.asarray(importance, np.float32)
         rows = x.reshape(-1, x.shape[-1] if x.ndim else 1)
         return _chunked(
             rows,
-            lambda part: quantize_tensor(part, qtype, imatrix=w, check=False),  # type: ignore[call-arg]
+            lambda part: kernel(part, w),
             rows_per_chunk=max(1, _CHUNK_VALUES // rows.shape[1]),
         )
     # Blocks don't depend on where they sit in a row, so every tensor is cut into chunks
@@ -130,7 +145,7 @@ def encode_tensor(x: Any, ggml_type: Any, importance: np.ndarray | None = None) 
         flat = np.concatenate([flat, np.zeros(-n % block, flat.dtype)])
     data = _chunked(
         flat.reshape(-1, block),
-        lambda part: quantize_tensor(part, qtype, check=False),
+        lambda part: kernel(part, None),
         rows_per_chunk=_CHUNK_VALUES // block,
     )
     return data[: n * GGML_QUANT_SIZES[t][1] // GGML_QUANT_SIZES[t][0]]
@@ -389,8 +404,7 @@ def convert_gguf(
                     f"(--allow-requantize)"
                 )
             w = None if weights is None else weights.get(p.name)
-            if not can_encode(p.dst_type, weighted=w is not None):
-                encode_tensor(np.zeros((1, 256), np.float32), p.dst_type, w)  # raises
+            _kernel(p.dst_type, w is not None and p.dst_type not in _FLOATS + (T.Q8_0,))
 
     # llama.cpp sets these last (gguf_set_val_* removes a key and appends it), in this order
     extra = [
