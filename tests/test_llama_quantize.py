@@ -8,6 +8,7 @@ K-quant kernels" / "needs weighted kernels" where this jquant can't encode a typ
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -155,7 +156,8 @@ def test_cli_is_a_drop_in(models, tmp_path_factory, tmp_path, ftype):
     out = tmp_path / "out.gguf"
     old = os.umask(0o022)
     try:
-        rc = main(["quantize", str(models["row160"]), "-o", str(out), "-t", ftype.lower(), "-q"])
+        args = ["quantize", str(models["row160"]), "-o", str(out), "-t", ftype.lower(), "-q"]
+        rc = main([*args, "--no-compile-cache"])  # keep this test process's JAX config as is
     finally:
         os.umask(old)
     assert rc == 0
@@ -305,3 +307,30 @@ def test_engine_writes_llama_cpps_file(
     out = tmp_path / "out.gguf"
     jquant.convert_gguf(models[model], out, ftype)
     assert_same_file(out, ref)
+
+
+def test_the_command_line_keeps_compiled_kernels(models, tmp_path):
+    import subprocess
+    import sys
+
+    cache = tmp_path / "xla"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JQUANT_CACHE_DIR": str(cache)}
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "jquant", "quantize", str(models["row160"]), "-t", "q5_1"]
+    off = subprocess.run(
+        [*cmd, "-o", str(tmp_path / "a.gguf"), "--json"],
+        env={**env, "JQUANT_NO_COMPILE_CACHE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert off.returncode == 0, off.stderr
+    assert not cache.exists() or not any(cache.iterdir())
+    summary = json.loads(off.stdout)
+    assert summary["ftype"] == "q5_1" and summary["tensors"][0]["name"] == "output_norm.weight"
+    on = subprocess.run(
+        [*cmd, "-o", str(tmp_path / "b.gguf"), "-q"], env=env, capture_output=True, timeout=300
+    )
+    assert on.returncode == 0, on.stderr
+    assert any(cache.iterdir())
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
