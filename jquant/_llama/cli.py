@@ -59,8 +59,20 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
         "--leave-output-tensor", action="store_true", help="leave output.weight as it is"
     )
     g.add_argument("--imatrix", metavar="FILE", help="importance matrix (GGUF or legacy .dat)")
-    g.add_argument("--include-weights", action="append", default=[], metavar="NAME")
-    g.add_argument("--exclude-weights", action="append", default=[], metavar="NAME")
+    g.add_argument(
+        "--include-weights",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="use the imatrix only for tensors whose name contains NAME; repeatable",
+    )
+    g.add_argument(
+        "--exclude-weights",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="don't use the imatrix for tensors whose name contains NAME; repeatable",
+    )
     g.add_argument("--allow-requantize", action="store_true", help="allow quantized inputs")
     g.add_argument(
         "--no-compile-cache",
