@@ -294,3 +294,23 @@ def test_engine_with_imatrix_writes_llama_cpps_file(tmp_path, model, ftype, arch
     out = tmp_path / "out.gguf"
     jquant.convert_gguf(src, out, ftype, imatrix=p)
     assert out.read_bytes() == ref.read_bytes()
+
+
+@needs_llama
+@pytest.mark.usefixtures("ggml_kernels")
+@pytest.mark.parametrize("which", ["include", "exclude"])
+def test_include_and_exclude_weights(tmp_path, model, which):
+    m = random_imatrix(model)
+    p = tmp_path / "imatrix.gguf"
+    jquant.save_imatrix(p, m)
+    loaded = jquant.load_imatrix(p)
+    keep = {  # llama-quantize matches substrings of the names
+        k: v for k, v in loaded.weights().items() if ("ffn_down" in k) == (which == "include")
+    }
+    ref = tmp_path / "ref.gguf"
+    overrides = _kv_overrides(p, loaded)
+    overrides[2] = ("quantize.imatrix.entries_count", len(keep))
+    llama_quantize(model, ref, FTYPES["Q4_0"], imatrix=keep, kv_overrides=overrides)
+    out = tmp_path / "out.gguf"
+    jquant.convert_gguf(model, out, "Q4_0", imatrix=p, **{f"{which}_weights": ["ffn_down"]})
+    assert out.read_bytes() == ref.read_bytes()
