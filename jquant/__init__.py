@@ -34,6 +34,12 @@ from ._io.gguf import inspect_gguf as inspect_gguf
 from ._io.gguf import load_gguf as load_gguf
 from ._io.gguf import save_gguf as save_gguf
 from ._io.safetensors import convert_safetensors as convert_safetensors
+from ._llama import ImportanceMatrix as ImportanceMatrix
+from ._llama import collect_imatrix as collect_imatrix
+from ._llama import convert_gguf as convert_gguf
+from ._llama import llama_tensor_types as llama_tensor_types
+from ._llama import load_imatrix as load_imatrix
+from ._llama import save_imatrix as save_imatrix
 from ._model.model import dequantize_model as dequantize_model
 from ._model.model import quantize_model as quantize_model
 from ._model.report import LeafReport as LeafReport
@@ -49,6 +55,7 @@ __all__ = [
     "FileWriteError",
     "GGUFInfo",
     "GGUFTensorInfo",
+    "ImportanceMatrix",
     "LeafReport",
     "ModelReport",
     "NonFiniteError",
@@ -62,7 +69,9 @@ __all__ = [
     "UnsupportedDTypeError",
     "calibrate",
     "calibrate_activations",
+    "collect_imatrix",
     "compute_quantization_stats",
+    "convert_gguf",
     "convert_safetensors",
     "dense",
     "dequantize_affine",
@@ -71,10 +80,13 @@ __all__ = [
     "dot",
     "export_gguf",
     "inspect_gguf",
+    "llama_tensor_types",
     "load_gguf",
+    "load_imatrix",
     "merge_calibration",
     "quantize_affine",
     "quantize_model",
     "quantize_tensor",
     "save_gguf",
+    "save_imatrix",
 ]

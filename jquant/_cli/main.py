@@ -38,6 +38,7 @@ from .._formats.quant_type import QuantType
 from .._formats.registry import DEFAULT_FORMAT, SMALL_FORMAT, formats
 from .._io.gguf import K_TENSORS, gguf_name, inspect_gguf
 from .._io.safetensors import convert_sources, read_sources
+from .._llama.cli import JQUANT_ARCH_NOTE, quantize_llama
 from .._model.model import quantize_model
 from .._model.report import format_number
 from .example import example_params
@@ -56,6 +57,7 @@ examples:
   jquant quantize model.safetensors -t {_SMALL} -o model-{_SMALL}.gguf
   jquant quantize model.safetensors -t {_SMALL} --rule 'embed|lm_head={_DEFAULT}' --rule 'norm=keep' -o out.gguf
   jquant quantize params.npz -t {_DEFAULT} -o params.gguf --json
+  jquant quantize model-f16.gguf -t Q4_K_M -o model-Q4_K_M.gguf   (llama-quantize's drop-in)
   jquant inspect model-{_SMALL}.gguf
   jquant export hf_model/ -t {_DEFAULT} -o model-{_DEFAULT}.gguf      a model llama.cpp runs (Llama, Gemma 1-3)
   jquant compare model.safetensors model-{_SMALL}.gguf
@@ -118,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    from ._llama.cli import add_arguments as add_llama_arguments
+
+    add_llama_arguments(q)
 
     i = command("inspect", "list a file's tensors, formats, shapes, sizes and metadata")
     i.add_argument("file", help="a .gguf, .safetensors or .npz file")
@@ -265,6 +270,10 @@ def _progress(quiet: bool, verb: str = "quantizing"):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
 
+    rc = quantize_llama(args, _progress, _console, _print_json)  # llama.cpp GGUF inputs
+    if rc is not None:
+        return rc
+
     # a .safetensors with an HF config.json and tokenizer beside it: a llama.cpp model
     folder = None if args.rule else model_dir_for(args.input, args.type)
     if folder is not None:
@@ -322,6 +331,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"wrote {args.output}: {human_bytes(file_size)} ({report.bits_per_weight:.2f} bits/weight, "
             f"{report.compression_ratio:.2f}x smaller than the input tensors) in {elapsed:.1f} s"
         )
+        if "general.architecture" not in meta:  # safetensors / npz / jquant inputs
+            console.print(f"[yellow]note:[/] {JQUANT_ARCH_NOTE}")
     return EXIT_OK
 
 

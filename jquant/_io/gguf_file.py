@@ -322,6 +322,9 @@ def write_gguf(
         os.fsync(fout.fileno())
         writer.close()
         writer = None
+        mask = os.umask(0o022)  # mkstemp made it 0600: give it the mode open() would
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(folder)
