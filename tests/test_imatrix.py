@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jquant._gguf_file import read_header
 
 import jquant
+from jquant._io.gguf_file import read_header
 from jquant._llama.mixes import FTYPES
 
 from . import _ggml_oracle as oracle

@@ -12,9 +12,9 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from jquant._gguf_file import read_header
 
 from jquant import UnknownFormatError
+from jquant._io.gguf_file import read_header
 from jquant._llama.mixes import (
     FTYPES,
     LlamaModelFacts,

@@ -15,10 +15,10 @@ import stat
 import gguf
 import numpy as np
 import pytest
-from jquant._gguf_file import read_header
 
 import jquant
 from jquant._cli import main
+from jquant._io.gguf_file import read_header
 from jquant._llama.mixes import FTYPES, LlamaModelFacts, MixOptions, choose_types
 from jquant._llama.quantize import KernelUnavailableError
 
