@@ -165,7 +165,7 @@ def test_quantize_npz_and_requantize_gguf(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [
-        (["quantize", "{src}", "-o", "{out}", "-t", "q3_k"], 5, "unknown quantization format"),
+        (["quantize", "{src}", "-o", "{out}", "-t", "q3_x"], 5, "unknown quantization format"),
         (["quantize", "{src}", "-o", "{out}", "--rule", "noequals"], 5, "REGEX=FORMAT"),
         (["quantize", "{src}", "-o", "{out}", "--rule", "([=q4_0"], 5, "not a valid regular"),
         (["quantize", "{src}", "-o", "{tmp}/missing/out.gguf"], 6, "does not exist"),

@@ -289,7 +289,7 @@ def convert_sources(
         if qt is not None:
             store = storage_format(qt, src.shape[-1] if src.shape else 1, src.dtype)
             if store is not qt:
-                ragged.append(f"{src.name} {src.shape}")
+                ragged.append(f"{src.name} {src.shape}: {qt.name} -> {store.name}")
                 qt = store
         if qt is None:
             e = array_entry(src.name, _Lazy(src))
@@ -312,9 +312,10 @@ def convert_sources(
         )
     if ragged:
         warnings.warn(
-            f"{len(ragged)} tensor(s) have rows that are not a multiple of 32 values (their "
-            f"format's block), which GGML block formats can't describe; they are stored "
-            f"unquantized (F32, or F16/BF16 for tensors of that dtype): {'; '.join(ragged[:10])}"
+            f"{len(ragged)} tensor(s) have rows that are not a multiple of their format's "
+            f"block, which GGML can't describe; like llama.cpp they are written in the "
+            f"format llama.cpp falls back to or, when even that doesn't fit, unquantized "
+            f"(F16/BF16/F32): {'; '.join(ragged[:10])}"
             f"{' ...' if len(ragged) > 10 else ''}",
             UserWarning,
             stacklevel=3,
