@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jquant
-from jquant._cli import main
+from jquant._cli.main import main
 from jquant._export.tokenizer import tokenizer_size
 
 from . import _export_ref as R

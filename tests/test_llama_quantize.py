@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jquant
-from jquant._cli import main
+from jquant._cli.main import main
 from jquant._io.gguf_file import read_header
 from jquant._llama.mixes import FTYPES, LlamaModelFacts, MixOptions, choose_types
 from jquant._llama.quantize import KernelUnavailableError
