@@ -15,7 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .guards import nearest_int, no_fma
-from .kquant_search import div, make_qkx_quants, make_qp_quants, sum_from_zero
+from .kquant_search import (
+    div,
+    long_sum_from_zero,
+    make_qkx_quants,
+    make_qp_quants,
+    sum_from_zero,
+)
 
 __all__ = [
     "FIELDS_Q2_K",
@@ -133,7 +139,7 @@ def _requantize(xt, levels, d, dmin, sc, m, nmax):
 def _sum_x2(xb: jax.Array) -> jax.Array:
     """``float s = 0; for (l < 256) s += x[l]*x[l];`` per super-block ``[B]``."""
     xt = xb.T
-    return sum_from_zero(no_fma(xt * xt))
+    return long_sum_from_zero(no_fma(xt * xt))
 
 
 def _imatrix_weights(xt, qwt, sigma2_g):
@@ -314,7 +320,7 @@ def _legacy_weighted(x, qw, nmax):
     xb, lead = _blocks(x, 32)
     rows = x.reshape(-1, n)
     # sigma2 is per row here (per super-block in the K-quants).
-    sum_x2 = sum_from_zero(no_fma(rows.T * rows.T))
+    sum_x2 = long_sum_from_zero(no_fma(rows.T * rows.T))
     sigma2 = div(sum_x2, _F32(n))
     xt = xb.T
     qwt = _row_weights(qw, x.shape, 32).T

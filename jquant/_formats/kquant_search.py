@@ -23,6 +23,7 @@ from .guards import nearest_int, no_fma, opaque, sequential_sum
 
 __all__ = [
     "GROUP_MAX_EPS",
+    "long_sum_from_zero",
     "chain_max",
     "chain_min",
     "div",
@@ -99,6 +100,25 @@ def chain_min(t: jax.Array) -> jax.Array:
     return _chain(jnp.minimum, t)
 
 
+def long_sum_from_zero(terms: jax.Array, unroll: int = 32) -> jax.Array:
+    """:func:`sum_from_zero` over a long axis 0 (a multiple of ``unroll``), in C order.
+
+    A loop of ``len / unroll`` iterations of ``unroll`` unrolled adds: a loop step per
+    element costs more in dispatch than the add itself.
+    """
+    n = terms.shape[0]
+    blocks = terms.reshape(n // unroll, unroll, *terms.shape[1:])
+
+    def body(k, acc):
+        blk = blocks[k]
+        for i in range(unroll):
+            acc = acc + blk[i]
+        return acc
+
+    s = lax.fori_loop(0, n // unroll, body, jnp.zeros(terms.shape[1:], terms.dtype))
+    return jnp.where(s == 0, _F32(0), s)
+
+
 def sum_from_zero(terms: jax.Array) -> jax.Array:
     """C's ``float s = 0; for (...) s += t[i];`` over axis 0.
 
@@ -131,6 +151,10 @@ def _candidate_numerators(nmax: int, rmin: float, rdelta: float, nstep: int) -> 
     )
 
 
+CHUNK = 32768
+"""Groups per step of :func:`make_qkx_quants`'s outer loop (bounds the intermediates)."""
+
+
 def make_qkx_quants(
     x: jax.Array,
     w: jax.Array,
@@ -141,6 +165,7 @@ def make_qkx_quants(
     nstep: int,
     use_mad: bool,
     signed_zero_min: bool = False,
+    chunk: int = CHUNK,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """ggml's ``make_qkx2_quants`` / ``make_qkx3_quants`` (with weights) on ``[n, G]`` groups.
 
@@ -157,10 +182,30 @@ def make_qkx_quants(
         use_mad: error is ``sum w*|diff|`` (True) or ``sum w*diff**2``.
         signed_zero_min: give a zero ``min`` the sign of the group's first zero (only
             visible where ``-min`` is stored, as in Q4_1/Q5_1).
+        chunk: at most this many groups at a time (a ``lax.map`` over chunks).
 
     Returns:
         ``(scale [G], the_min [G], L [n, G] int32)`` with ``the_min = -min >= 0``.
     """
+    kw = dict(nmax=nmax, rmin=rmin, rdelta=rdelta, nstep=nstep, use_mad=use_mad)
+    kw["signed_zero_min"] = signed_zero_min
+    n, g = x.shape
+    if g <= chunk:
+        return _qkx(x, w, **kw)
+    n_chunks = -(-g // chunk)
+    size = -(-g // n_chunks)
+    pad = n_chunks * size - g  # zero groups are flat: harmless, sliced off below
+
+    def split(a):
+        a = jnp.pad(a, ((0, 0), (0, pad)))
+        return a.reshape(n, n_chunks, size).transpose(1, 0, 2)
+
+    scale, the_min, levels = lax.map(lambda xw: _qkx(*xw, **kw), (split(x), split(w)))
+    levels = levels.transpose(1, 0, 2).reshape(n, -1)[:, :g]
+    return scale.reshape(-1)[:g], the_min.reshape(-1)[:g], levels
+
+
+def _qkx(x, w, *, nmax, rmin, rdelta, nstep, use_mad, signed_zero_min):
     mx = chain_max(x)
     mn = chain_min(x)
     if signed_zero_min:
@@ -268,24 +313,29 @@ def make_qp_quants(x: jax.Array, w: jax.Array, *, nmax: int) -> tuple[jax.Array,
     suml2 = sum_from_zero(no_fma(no_fma(w * qf) * qf))
     n = x.shape[0]
 
-    def descend(k, carry):
+    def descend(_, carry):
         levels, sumlx, suml2 = carry
-        i = k % n
-        wi, xi, li = w[i], x[i], levels[i]
-        lif = li.astype(_F32)
-        slx = sumlx - no_fma(no_fma(wi * xi) * lif)
-        sl2 = suml2 - no_fma(no_fma(wi * lif) * lif)
-        ok = (slx > 0) & (sl2 > 0)
-        new_l = jnp.minimum(nearest_int(div(no_fma(xi * sl2), jnp.where(ok, slx, _F32(1)))), nmax)
-        nlf = new_l.astype(_F32)
-        slx = slx + no_fma(no_fma(wi * xi) * nlf)
-        sl2 = sl2 + no_fma(no_fma(wi * nlf) * nlf)
-        better = no_fma(no_fma(slx * slx) * suml2) > no_fma(no_fma(sumlx * sumlx) * sl2)
-        accept = ok & (new_l != li) & better
-        levels = levels.at[i].set(jnp.where(accept, new_l & 255, li))
-        return levels, jnp.where(accept, slx, sumlx), jnp.where(accept, sl2, suml2)
+        levels = list(levels)
+        for i in range(n):
+            wi, xi, li = w[i], x[i], levels[i]
+            lif = li.astype(_F32)
+            slx = sumlx - no_fma(no_fma(wi * xi) * lif)
+            sl2 = suml2 - no_fma(no_fma(wi * lif) * lif)
+            ok = (slx > 0) & (sl2 > 0)
+            ratio = div(no_fma(xi * sl2), jnp.where(ok, slx, _F32(1)))
+            new_l = jnp.minimum(nearest_int(ratio), nmax)
+            nlf = new_l.astype(_F32)
+            slx = slx + no_fma(no_fma(wi * xi) * nlf)
+            sl2 = sl2 + no_fma(no_fma(wi * nlf) * nlf)
+            better = no_fma(no_fma(slx * slx) * suml2) > no_fma(no_fma(sumlx * sumlx) * sl2)
+            accept = ok & (new_l != li) & better
+            levels[i] = jnp.where(accept, new_l & 255, li)
+            sumlx = jnp.where(accept, slx, sumlx)
+            suml2 = jnp.where(accept, sl2, suml2)
+        return jnp.stack(levels), sumlx, suml2
 
-    levels, sumlx, suml2 = lax.fori_loop(0, 5 * n, descend, (q & 255, sumlx, suml2))
+    # One pass per iteration, the n element steps of a pass unrolled.
+    levels, sumlx, suml2 = lax.fori_loop(0, 5, descend, (q & 255, sumlx, suml2))
     scale = jnp.where(suml2 > 0, div(sumlx, jnp.where(suml2 > 0, suml2, _F32(1))), 0)
     scale = jnp.where(zero, _F32(0), scale.astype(_F32))
     levels = jnp.where(zero[None], 0, levels)
