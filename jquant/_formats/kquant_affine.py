@@ -20,6 +20,7 @@ from .kquant_search import (
     long_sum_from_zero,
     make_qkx_quants,
     make_qp_quants,
+    materialize,
     sum_from_zero,
 )
 
@@ -132,6 +133,7 @@ def _requantize(xt, levels, d, dmin, sc, m, nmax):
     the search's quants (the C's ``if (!d) continue;``)."""
     dg = (d.astype(_F32)[:, None] * sc.astype(_F32)).reshape(-1)
     dm = no_fma((dmin.astype(_F32)[:, None] * m.astype(_F32)).reshape(-1))
+    dg, dm = materialize(dg, dm)
     q = nearest_int(div(xt + dm[None], jnp.where(dg == 0, _F32(1), dg)[None]))
     return jnp.where(dg[None] != 0, jnp.clip(q, 0, nmax), levels)
 
@@ -144,6 +146,7 @@ def _sum_x2(xb: jax.Array) -> jax.Array:
 
 def _imatrix_weights(xt, qwt, sigma2_g):
     """``qw[l] * sqrtf(sigma2 + x*x)`` on ``[n, G]`` groups."""
+    (sigma2_g,) = materialize(sigma2_g)
     return no_fma(qwt * jnp.sqrt(sigma2_g[None] + no_fma(xt * xt)))
 
 
@@ -155,7 +158,7 @@ def _q45_k(x, qw, nmax, rmin, nstep):
     nb = xb.shape[0]
     xt = _groups(xb, 32)
     if qw is None:
-        av_x = jnp.sqrt(sum_from_zero(no_fma(xt * xt)) / 32)
+        (av_x,) = materialize(jnp.sqrt(sum_from_zero(no_fma(xt * xt)) / 32))
         w = av_x[None] + jnp.abs(xt)
         scale, the_min, levels = make_qkx_quants(
             xt, w, nmax=nmax, rmin=rmin, rdelta=0.1, nstep=nstep, use_mad=False

@@ -151,7 +151,7 @@ def _candidate_numerators(nmax: int, rmin: float, rdelta: float, nstep: int) -> 
     )
 
 
-CHUNK = 32768
+CHUNK = 16384
 """Groups per step of :func:`make_qkx_quants`'s outer loop (bounds the intermediates)."""
 
 
