@@ -147,7 +147,7 @@ def _sum_x2(xb: jax.Array) -> jax.Array:
 def _imatrix_weights(xt, qwt, sigma2_g):
     """``qw[l] * sqrtf(sigma2 + x*x)`` on ``[n, G]`` groups."""
     (sigma2_g,) = materialize(sigma2_g)
-    return no_fma(qwt * jnp.sqrt(sigma2_g[None] + no_fma(xt * xt)))
+    return materialize(no_fma(qwt * jnp.sqrt(sigma2_g[None] + no_fma(xt * xt))))[0]
 
 
 # ---------------------------------------------------------------- Q4_K / Q5_K
@@ -156,7 +156,7 @@ def _imatrix_weights(xt, qwt, sigma2_g):
 def _q45_k(x, qw, nmax, rmin, nstep):
     xb, lead = _blocks(x, QK_K)
     nb = xb.shape[0]
-    xt = _groups(xb, 32)
+    (xt,) = materialize(_groups(xb, 32))
     if qw is None:
         (av_x,) = materialize(jnp.sqrt(sum_from_zero(no_fma(xt * xt)) / 32))
         w = av_x[None] + jnp.abs(xt)
@@ -269,7 +269,7 @@ def quantize_q2_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
     """
     xb, lead = _blocks(x, QK_K)
     nb = xb.shape[0]
-    xt = _groups(xb, 16)
+    (xt,) = materialize(_groups(xb, 16))
     if qw is None:
         scale, the_min, levels = make_qkx_quants(
             xt, jnp.abs(xt), nmax=3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True
@@ -325,7 +325,7 @@ def _legacy_weighted(x, qw, nmax):
     # sigma2 is per row here (per super-block in the K-quants).
     sum_x2 = long_sum_from_zero(no_fma(rows.T * rows.T))
     sigma2 = div(sum_x2, _F32(n))
-    xt = xb.T
+    (xt,) = materialize(xb.T)
     qwt = _row_weights(qw, x.shape, 32).T
     w = _imatrix_weights(xt, qwt, jnp.repeat(sigma2, n // 32))
     scale, the_min, levels = make_qkx_quants(

@@ -286,7 +286,7 @@ def make_qp_quants(x: jax.Array, w: jax.Array, *, nmax: int) -> tuple[jax.Array,
     mx = jnp.max(x, axis=0)
     mx = jnp.where(mx > 0, mx, _F32(0))
     zero = mx < GROUP_MAX_EPS
-    mx_safe = jnp.where(zero, _F32(1), mx)
+    (mx_safe,) = materialize(jnp.where(zero, _F32(1), mx))
 
     def candidate_mse(iscale: jax.Array, clamp: bool) -> jax.Array:
         scale = div(_F32(1), iscale)
@@ -296,21 +296,23 @@ def make_qp_quants(x: jax.Array, w: jax.Array, *, nmax: int) -> tuple[jax.Array,
         diff = x - no_fma(scale[None] * q.astype(_F32))
         return sum_from_zero(no_fma(no_fma(w * diff) * diff))
 
-    iscale = div(_F32(nmax), mx_safe)
-    best = candidate_mse(iscale, clamp=False)
+    (iscale,) = materialize(div(_F32(nmax), mx_safe))
+    (best,) = materialize(candidate_mse(iscale, clamp=False))
     for i in (-4, -3, -2, -1, 1, 2, 3, 4):
         num = np.float32(np.float32(0.1) * np.float32(i)) + np.float32(nmax)
-        iscale_i = div(num, mx_safe)
+        (iscale_i,) = materialize(div(num, mx_safe))
         mse = candidate_mse(iscale_i, clamp=True)
         better = mse < best
-        best = jnp.where(better, mse, best)
-        iscale = jnp.where(better, iscale_i, iscale)
+        best, iscale = materialize(
+            jnp.where(better, mse, best), jnp.where(better, iscale_i, iscale)
+        )
 
     q = jnp.minimum(nearest_int(iscale[None] * x), nmax)
     qf = q.astype(_F32)
     wx = no_fma(w * x)
     sumlx = sum_from_zero(no_fma(wx * qf))
     suml2 = sum_from_zero(no_fma(no_fma(w * qf) * qf))
+    sumlx, suml2 = materialize(sumlx, suml2)
     n = x.shape[0]
 
     def descend(_, carry):
