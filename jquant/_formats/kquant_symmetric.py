@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .guards import exact_div, nearest_int, no_fma, sequential_sum
-from .symmetric_search import first_absmax, make_q3_quants, make_qx_quants
+from .symmetric_search import first_absmax, fusion_barrier, make_q3_quants, make_qx_quants
 
 __all__ = [
     "FIELDS_Q3_K",
@@ -154,7 +154,7 @@ def _q6_k_blocks(xb: jax.Array, wb: jax.Array | None) -> dict[str, jax.Array]:
     sc = jnp.where(zero[:, None], 0, sc)
     d = jnp.where(zero, jnp.float16(0), d)
     q = _blocks_of(_requantize(xg, levels, d, sc, 32), (-1,))
-    q = jnp.where(zero[:, None], jnp.uint8(0), q)
+    q = fusion_barrier(jnp.where(zero[:, None], jnp.uint8(0), q), xb)
     # ql byte p of each 128-half: low nibble value p, high nibble value p + 64;
     # qh byte l: bits 2k..2k+1 are the top two bits of value l + 32k.
     q = q.reshape(-1, 2, 4, 32)
@@ -234,7 +234,7 @@ def _q3_k_blocks(xb: jax.Array, qwb: jax.Array | None) -> dict[str, jax.Array]:
         )
         ls = ls.T
         d = d_block.astype(jnp.float16)
-    q = _blocks_of(_requantize(xg, levels, d, ls - 32, 4), (-1,))
+    q = fusion_barrier(_blocks_of(_requantize(xg, levels, d, ls - 32, 4), (-1,)), xb)
     # hmask byte m, bit k: the high bit of value 32k + m; qs byte 32h + l, bits 2s..2s+1:
     # the low two bits of value 128h + 32s + l.
     hbits = (q >> 2).reshape(-1, 8, 32)
@@ -296,7 +296,7 @@ def _weighted_legacy(x: jax.Array, qw: jax.Array, nmax: int):
     def blocks(xb, qwb, sigma2):
         w = qwb * jnp.sqrt(sigma2[:, None] + no_fma(xb * xb))
         d, levels = make_qx_quants(xb.T, w.T, nmax)
-        return {"d": d.astype(jnp.float16), "levels": levels.T}
+        return {"d": d.astype(jnp.float16), "levels": fusion_barrier(levels.T, xb)}
 
     out = chunked(blocks, xb, qwb, sigma2, chunk=CHUNK_BLOCKS * 8)
     return out["d"].reshape(batch), out["levels"].reshape(*batch, 32)

@@ -18,10 +18,33 @@ from jax import lax
 
 from .guards import exact_div, nearest_int, no_fma, opaque, sequential_sum
 
-__all__ = ["GROUP_MAX_EPS", "first_absmax", "make_q3_quants", "make_qx_quants"]
+__all__ = [
+    "GROUP_MAX_EPS",
+    "first_absmax",
+    "fusion_barrier",
+    "make_q3_quants",
+    "make_qx_quants",
+]
 
 GROUP_MAX_EPS = np.float32(1e-15)
 """ggml's all-zero threshold: a group whose largest magnitude is below it is all zero."""
+
+
+def fusion_barrier(tree, dep: jax.Array):
+    """``tree`` unchanged, but computed once and stored before its consumers run.
+
+    XLA fuses an elementwise producer into each consumer and recomputes it there; packing
+    two or four levels per byte then redoes the re-quantization (a division) per byte,
+    reading the inputs with a stride. A conditional on a run-time predicate (``dep``'s
+    first element is NaN) is a boundary fusion can't cross; both branches return ``tree``
+    (one as ``t + 0``: XLA folds a conditional whose branches are the same computation).
+    ``lax.optimization_barrier`` doesn't stop this fusion on XLA:CPU.
+    """
+
+    def same(t):
+        return jax.tree.map(lambda a: a + 0, t)
+
+    return lax.cond(jnp.isnan(dep.reshape(-1)[0]), same, lambda t: t, tree)
 
 
 def first_absmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
