@@ -132,8 +132,8 @@ def _first_absmax(x: jax.Array, axis: int = 0) -> jax.Array:
 
 
 _GRID_F32 = IQ4_GRID.astype(np.float32)
-_CHUNK = 16384
-"""Groups of 32 per ``lax.map`` step: the [16, chunk] candidate sums stay in cache."""
+_CHUNK = 65536
+"""Groups of 32 per ``lax.map`` step (bounds the [16, chunk] candidate temporaries)."""
 
 
 def _candidate_sums(ids: jax.Array, xg: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -242,7 +242,7 @@ def _map_blocks(core, x: jax.Array, qw: jax.Array | None, block: int, chunk: int
     """Run ``core`` on ``[32, block // 32, c]`` slabs of ``x``'s blocks (value axis first).
 
     Blocks are padded with zeros to a whole number of slabs of at most ``chunk`` blocks, and
-    the slabs run one after another (``lax.map``) so the search's temporaries stay in cache.
+    the slabs run one after another (``lax.map``), which bounds the search's temporaries.
     ``core(xs, qws)`` returns arrays whose last axis is the block axis.
     """
     n = x.size // block
