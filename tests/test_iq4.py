@@ -243,3 +243,16 @@ def test_guards_matter(monkeypatch):
     assert mismatching_blocks(naive(no_fma=lambda p: p), guarded, "IQ4_NL") > 0
     tree = naive(sequential_sum=lambda t, axis=-1: jnp.sum(t, axis=axis))
     assert mismatching_blocks(tree, guarded, "IQ4_NL") > 0
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_slabs_with_padding(fmt, monkeypatch):
+    """Inputs longer than one slab, in slabs that don't divide them, give the same bytes."""
+    quant, _, spec, _ = FORMATS[fmt]
+    rng = np.random.default_rng(5)
+    x = random_rows(rng, 7, 512)
+    qw = random_imatrix(rng, 512)
+    whole = quantize_bytes(fmt, x, qw)
+    monkeypatch.setattr(iq4, "_CHUNK", 48)  # 112 IQ4_NL blocks -> 3 slabs of 38; XS 14 -> 3 x 5
+    sliced = jax.jit(lambda a, w: quant(a, w))(jnp.asarray(x), jnp.asarray(qw))
+    np.testing.assert_array_equal(to_bytes(sliced, spec), whole)
