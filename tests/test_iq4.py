@@ -172,12 +172,13 @@ def random_imatrix(rng: np.random.Generator, n: int) -> np.ndarray:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_random_blocks_match_libggml(fmt, imatrix):
     rng = np.random.default_rng(20261201 + imatrix)
-    rows, n = (256, 512) if fmt == "IQ4_NL" else (64, 2048)  # 4096 / 512 blocks
-    x = random_rows(rng, rows, n)
-    qw = random_imatrix(rng, n) if imatrix else None
-    ref = _ggml_oracle.ggml_quantize(x, T[fmt], qw)
-    ours = quantize_bytes(fmt, x, qw)
-    assert mismatching_blocks(ours, ref, fmt) == 0
+    bad = 0
+    for _ in range(8):  # 4096 IQ4_NL / 512 IQ4_XS blocks, in the npz tests' shape (one compile)
+        x = random_rows(rng, 16, 1024)
+        qw = random_imatrix(rng, 1024) if imatrix else None
+        ref = _ggml_oracle.ggml_quantize(x, T[fmt], qw)
+        bad += mismatching_blocks(quantize_bytes(fmt, x, qw), ref, fmt)
+    assert bad == 0
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
