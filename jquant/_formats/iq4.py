@@ -141,21 +141,23 @@ def _candidate_sums(ids: jax.Array, xg: jax.Array, w: jax.Array) -> tuple[jax.Ar
 
     ``ids`` is ``[n_cand, n]``, ``xg`` and ``w`` are ``[32, n]``. The loop runs over the 32
     values of a group in C's order, each step one fused pass over ``[n_cand, n]``; products
-    are rounded before they are added.
+    are rounded before they are added. The two sums travel as one complex64 (real: sumqx,
+    imaginary: sumq2; complex addition adds the parts separately, exactly as two float adds):
+    with two float outputs XLA:CPU makes two loops and evaluates the grid search twice.
     """
 
     def step(xj, wj):
         q = best_index(ids * xj, _GRID_F32)
         wq = wj * q
-        return no_fma(wq * xj), no_fma(wq * q)
+        return lax.complex(no_fma(wq * xj), no_fma(wq * q))
 
     def body(j, sums):
         xj = lax.dynamic_index_in_dim(xg, j, 0)
         wj = lax.dynamic_index_in_dim(w, j, 0)
-        tx, t2 = step(xj, wj)
-        return sums[0] + tx, sums[1] + t2
+        return sums + step(xj, wj)
 
-    return lax.fori_loop(1, _GROUP, body, step(xg[:1], w[:1]))
+    sums = lax.fori_loop(1, _GROUP, body, step(xg[:1], w[:1]))
+    return jnp.real(sums), jnp.imag(sums)
 
 
 def _divide(c: np.ndarray | jax.Array, b: jax.Array) -> jax.Array:
