@@ -118,17 +118,23 @@ def best_index(al: jax.Array, values: np.ndarray | None = None) -> jax.Array:
     return out
 
 
-def _first_absmax(x: jax.Array, axis: int = 0) -> jax.Array:
-    """ggml's ``max``: the signed value of the first element of largest magnitude (0 if none)."""
-    ax = jnp.abs(x)
-    amax = jnp.max(ax, axis=axis, keepdims=True)
-    n = x.shape[axis]
-    shape = [1] * x.ndim
-    shape[axis] = n
-    pos = jnp.arange(n, dtype=jnp.int32).reshape(shape)
-    first = jnp.min(jnp.where(ax == amax, pos, n), axis=axis, keepdims=True)
-    picked = jnp.sum(jnp.where(pos == first, x, 0.0), axis=axis)  # one nonzero term
-    return jnp.where(jnp.squeeze(amax, axis) > 0, picked, jnp.float32(0.0))
+def _first_absmax(x: jax.Array) -> jax.Array:
+    """ggml's ``max`` over axis 0: the signed value of the first element of largest magnitude.
+
+    C's loop over the (short) leading axis, elementwise across groups, so it vectorizes (an
+    argmax-style reduction over the leading axis costs far more). A ``fori_loop`` rather
+    than unrolled: its result is materialized once instead of being fused (recomputed) into
+    each consumer. A group of zeros gives +0.
+    """
+
+    def body(j, carry):
+        amax, mx = carry
+        xj = lax.dynamic_index_in_dim(x, j, 0, keepdims=False)
+        take = jnp.abs(xj) > amax
+        return jnp.where(take, jnp.abs(xj), amax), jnp.where(take, xj, mx)
+
+    zero = jnp.zeros(x.shape[1:], x.dtype)
+    return lax.fori_loop(0, x.shape[0], body, (zero, zero))[1]
 
 
 _GRID_F32 = IQ4_GRID.astype(np.float32)
