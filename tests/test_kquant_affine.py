@@ -221,3 +221,16 @@ def test_naive_port_differs(monkeypatch, guard, naive):
         monkeypatch.setattr(ka, guard, naive)
     fields = jax.jit(lambda a: ka.quantize_q4_k(a))(jnp.asarray(x))
     assert len(bad_blocks(to_bytes(fields, ka.FIELDS_Q4_K), want, T.Q4_K)) > 0
+
+
+def test_chunked_search_equals_one_pass():
+    """The outer loop over chunks of groups (big matrices) changes no result."""
+    x, qw = random_rows(seed=11, rows=8, n=2048)
+    xt = jnp.asarray(x.reshape(-1, 32).T)
+    w = jnp.abs(xt) + jnp.float32(0.5)
+    kw = dict(nmax=15, rmin=-1.0, rdelta=0.1, nstep=20, use_mad=False)
+    search = jax.jit(kquant_search.make_qkx_quants, static_argnames=(*kw, "chunk"))
+    whole = search(xt, w, **kw, chunk=xt.shape[1])
+    chunked = search(xt, w, **kw, chunk=100)  # 512 groups -> 6 chunks of 86, 4 padding
+    for a, b in zip(whole, chunked, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -118,22 +118,28 @@ def best_index(al: jax.Array, values: np.ndarray | None = None) -> jax.Array:
     return out
 
 
-def _first_absmax(x: jax.Array, axis: int = 0) -> jax.Array:
-    """ggml's ``max``: the signed value of the first element of largest magnitude (0 if none)."""
-    ax = jnp.abs(x)
-    amax = jnp.max(ax, axis=axis, keepdims=True)
-    n = x.shape[axis]
-    shape = [1] * x.ndim
-    shape[axis] = n
-    pos = jnp.arange(n, dtype=jnp.int32).reshape(shape)
-    first = jnp.min(jnp.where(ax == amax, pos, n), axis=axis, keepdims=True)
-    picked = jnp.sum(jnp.where(pos == first, x, 0.0), axis=axis)  # one nonzero term
-    return jnp.where(jnp.squeeze(amax, axis) > 0, picked, jnp.float32(0.0))
+def _first_absmax(x: jax.Array) -> jax.Array:
+    """ggml's ``max`` over axis 0: the signed value of the first element of largest magnitude.
+
+    C's loop over the (short) leading axis, elementwise across groups, so it vectorizes (an
+    argmax-style reduction over the leading axis costs far more). A ``fori_loop`` rather
+    than unrolled: its result is materialized once instead of being fused (recomputed) into
+    each consumer. A group of zeros gives +0.
+    """
+
+    def body(j, carry):
+        amax, mx = carry
+        xj = lax.dynamic_index_in_dim(x, j, 0, keepdims=False)
+        take = jnp.abs(xj) > amax
+        return jnp.where(take, jnp.abs(xj), amax), jnp.where(take, xj, mx)
+
+    zero = jnp.zeros(x.shape[1:], x.dtype)
+    return lax.fori_loop(0, x.shape[0], body, (zero, zero))[1]
 
 
 _GRID_F32 = IQ4_GRID.astype(np.float32)
-_CHUNK = 16384
-"""Groups of 32 per ``lax.map`` step: the [16, chunk] candidate sums stay in cache."""
+_CHUNK = 65536
+"""Groups of 32 per ``lax.map`` step (bounds the [16, chunk] candidate temporaries)."""
 
 
 def _candidate_sums(ids: jax.Array, xg: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -141,21 +147,23 @@ def _candidate_sums(ids: jax.Array, xg: jax.Array, w: jax.Array) -> tuple[jax.Ar
 
     ``ids`` is ``[n_cand, n]``, ``xg`` and ``w`` are ``[32, n]``. The loop runs over the 32
     values of a group in C's order, each step one fused pass over ``[n_cand, n]``; products
-    are rounded before they are added.
+    are rounded before they are added. The two sums travel as one complex64 (real: sumqx,
+    imaginary: sumq2; complex addition adds the parts separately, exactly as two float adds):
+    with two float outputs XLA:CPU makes two loops and evaluates the grid search twice.
     """
 
     def step(xj, wj):
         q = best_index(ids * xj, _GRID_F32)
         wq = wj * q
-        return no_fma(wq * xj), no_fma(wq * q)
+        return lax.complex(no_fma(wq * xj), no_fma(wq * q))
 
     def body(j, sums):
         xj = lax.dynamic_index_in_dim(xg, j, 0)
         wj = lax.dynamic_index_in_dim(w, j, 0)
-        tx, t2 = step(xj, wj)
-        return sums[0] + tx, sums[1] + t2
+        return sums + step(xj, wj)
 
-    return lax.fori_loop(1, _GROUP, body, step(xg[:1], w[:1]))
+    sums = lax.fori_loop(1, _GROUP, body, step(xg[:1], w[:1]))
+    return jnp.real(sums), jnp.imag(sums)
 
 
 def _divide(c: np.ndarray | jax.Array, b: jax.Array) -> jax.Array:
@@ -242,7 +250,7 @@ def _map_blocks(core, x: jax.Array, qw: jax.Array | None, block: int, chunk: int
     """Run ``core`` on ``[32, block // 32, c]`` slabs of ``x``'s blocks (value axis first).
 
     Blocks are padded with zeros to a whole number of slabs of at most ``chunk`` blocks, and
-    the slabs run one after another (``lax.map``) so the search's temporaries stay in cache.
+    the slabs run one after another (``lax.map``), which bounds the search's temporaries.
     ``core(xs, qws)`` returns arrays whose last axis is the block axis.
     """
     n = x.size // block

@@ -15,7 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .guards import nearest_int, no_fma
-from .kquant_search import div, make_qkx_quants, make_qp_quants, sum_from_zero
+from .kquant_search import (
+    div,
+    long_sum_from_zero,
+    make_qkx_quants,
+    make_qp_quants,
+    materialize,
+    sum_from_zero,
+)
 
 __all__ = [
     "FIELDS_Q2_K",
@@ -126,6 +133,7 @@ def _requantize(xt, levels, d, dmin, sc, m, nmax):
     the search's quants (the C's ``if (!d) continue;``)."""
     dg = (d.astype(_F32)[:, None] * sc.astype(_F32)).reshape(-1)
     dm = no_fma((dmin.astype(_F32)[:, None] * m.astype(_F32)).reshape(-1))
+    dg, dm = materialize(dg, dm)
     q = nearest_int(div(xt + dm[None], jnp.where(dg == 0, _F32(1), dg)[None]))
     return jnp.where(dg[None] != 0, jnp.clip(q, 0, nmax), levels)
 
@@ -133,12 +141,13 @@ def _requantize(xt, levels, d, dmin, sc, m, nmax):
 def _sum_x2(xb: jax.Array) -> jax.Array:
     """``float s = 0; for (l < 256) s += x[l]*x[l];`` per super-block ``[B]``."""
     xt = xb.T
-    return sum_from_zero(no_fma(xt * xt))
+    return long_sum_from_zero(no_fma(xt * xt))
 
 
 def _imatrix_weights(xt, qwt, sigma2_g):
     """``qw[l] * sqrtf(sigma2 + x*x)`` on ``[n, G]`` groups."""
-    return no_fma(qwt * jnp.sqrt(sigma2_g[None] + no_fma(xt * xt)))
+    (sigma2_g,) = materialize(sigma2_g)
+    return materialize(no_fma(qwt * jnp.sqrt(sigma2_g[None] + no_fma(xt * xt))))[0]
 
 
 # ---------------------------------------------------------------- Q4_K / Q5_K
@@ -147,9 +156,9 @@ def _imatrix_weights(xt, qwt, sigma2_g):
 def _q45_k(x, qw, nmax, rmin, nstep):
     xb, lead = _blocks(x, QK_K)
     nb = xb.shape[0]
-    xt = _groups(xb, 32)
+    (xt,) = materialize(_groups(xb, 32))
     if qw is None:
-        av_x = jnp.sqrt(sum_from_zero(no_fma(xt * xt)) / 32)
+        (av_x,) = materialize(jnp.sqrt(sum_from_zero(no_fma(xt * xt)) / 32))
         w = av_x[None] + jnp.abs(xt)
         scale, the_min, levels = make_qkx_quants(
             xt, w, nmax=nmax, rmin=rmin, rdelta=0.1, nstep=nstep, use_mad=False
@@ -260,7 +269,7 @@ def quantize_q2_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
     """
     xb, lead = _blocks(x, QK_K)
     nb = xb.shape[0]
-    xt = _groups(xb, 16)
+    (xt,) = materialize(_groups(xb, 16))
     if qw is None:
         scale, the_min, levels = make_qkx_quants(
             xt, jnp.abs(xt), nmax=3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True
@@ -314,9 +323,9 @@ def _legacy_weighted(x, qw, nmax):
     xb, lead = _blocks(x, 32)
     rows = x.reshape(-1, n)
     # sigma2 is per row here (per super-block in the K-quants).
-    sum_x2 = sum_from_zero(no_fma(rows.T * rows.T))
+    sum_x2 = long_sum_from_zero(no_fma(rows.T * rows.T))
     sigma2 = div(sum_x2, _F32(n))
-    xt = xb.T
+    (xt,) = materialize(xb.T)
     qwt = _row_weights(qw, x.shape, 32).T
     w = _imatrix_weights(xt, qwt, jnp.repeat(sigma2, n // 32))
     scale, the_min, levels = make_qkx_quants(

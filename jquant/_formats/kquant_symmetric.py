@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .guards import exact_div, nearest_int, no_fma, sequential_sum
-from .symmetric_search import first_absmax, make_q3_quants, make_qx_quants
+from .symmetric_search import first_absmax, fusion_barrier, make_q3_quants, make_qx_quants
 
 __all__ = [
     "FIELDS_Q3_K",
@@ -70,14 +70,39 @@ def _check(x: jax.Array, qw: jax.Array | None) -> tuple[jax.Array, jax.Array | N
     return x, qw
 
 
-def _groups(x: jax.Array) -> jax.Array:
-    """``[..., n]`` rows to element-major groups ``[16, n_blocks_total * 16]``."""
-    return x.reshape(-1, _GROUP).T
+CHUNK_BLOCKS = 256
+"""Super-blocks quantized together: big enough to vectorise, small enough that the
+candidate scans of the searches stay in cache (``lax.map`` over chunks)."""
 
 
-def _group_weights(x: jax.Array, qw: jax.Array) -> jax.Array:
-    """``qw`` per column, broadcast over the rows, element-major like :func:`_groups`."""
-    return _groups(jnp.broadcast_to(qw, x.shape))
+def chunked(fn, *arrays: jax.Array | None, chunk: int) -> dict[str, jax.Array]:
+    """``fn(*arrays)`` on ``[b, ...]`` arrays, ``chunk`` rows at a time (zero-padded)."""
+    b = arrays[0].shape[0]
+    if b <= chunk:
+        return fn(*arrays)
+    n = -(-b // chunk)
+
+    def split(a):
+        if a is None:
+            return None
+        a = jnp.pad(a, [(0, n * chunk - b)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(n, chunk, *a.shape[1:])
+
+    out = jax.lax.map(lambda args: fn(*args), tuple(split(a) for a in arrays))
+    return {k: v.reshape(n * chunk, *v.shape[2:])[:b] for k, v in out.items()}
+
+
+def _groups(xb: jax.Array) -> jax.Array:
+    """``[b, 256]`` super-blocks to element-major groups ``[16, b * 16]``."""
+    return xb.reshape(-1, _GROUP).T
+
+
+def _rows_of_blocks(x: jax.Array, qw: jax.Array | None, block: int):
+    """``x`` ``[..., n]`` as ``[b, block]`` blocks and ``qw`` broadcast to match (or None)."""
+    xb = x.reshape(-1, block)
+    if qw is None:
+        return xb, None
+    return xb, jnp.broadcast_to(qw, x.shape).reshape(-1, block)
 
 
 def _requantize(
@@ -112,8 +137,13 @@ def quantize_q6_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
     """
     x, qw = _check(x, qw)
     batch = (*x.shape[:-1], x.shape[-1] // QK_K)
-    xg = _groups(x)
-    w = xg * xg if qw is None else _group_weights(x, qw)
+    out = chunked(_q6_k_blocks, *_rows_of_blocks(x, qw, QK_K), chunk=CHUNK_BLOCKS)
+    return {name: out[name].reshape(*batch, *shape) for name, _, shape in FIELDS_Q6_K}
+
+
+def _q6_k_blocks(xb: jax.Array, wb: jax.Array | None) -> dict[str, jax.Array]:
+    xg = _groups(xb)
+    w = xg * xg if wb is None else _groups(wb)
     scales, levels = make_qx_quants(xg, w, 32)
     scales = scales.reshape(-1, _N_GROUPS)
     max_abs, max_scale = first_absmax(scales.T)
@@ -124,7 +154,7 @@ def quantize_q6_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
     sc = jnp.where(zero[:, None], 0, sc)
     d = jnp.where(zero, jnp.float16(0), d)
     q = _blocks_of(_requantize(xg, levels, d, sc, 32), (-1,))
-    q = jnp.where(zero[:, None], jnp.uint8(0), q)
+    q = fusion_barrier(jnp.where(zero[:, None], jnp.uint8(0), q), xb)
     # ql byte p of each 128-half: low nibble value p, high nibble value p + 64;
     # qh byte l: bits 2k..2k+1 are the top two bits of value l + 32k.
     q = q.reshape(-1, 2, 4, 32)
@@ -133,10 +163,10 @@ def quantize_q6_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
     hi = q >> 4
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
     return {
-        "ql": ql.reshape(*batch, 128),
-        "qh": qh.reshape(*batch, 64),
-        "scales": sc.astype(jnp.int8).reshape(*batch, 16),
-        "d": d.reshape(batch),
+        "ql": ql.reshape(-1, 128),
+        "qh": qh.reshape(-1, 64),
+        "scales": sc.astype(jnp.int8),
+        "d": d,
     }
 
 
@@ -178,8 +208,13 @@ def quantize_q3_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
     """
     x, qw = _check(x, qw)
     batch = (*x.shape[:-1], x.shape[-1] // QK_K)
-    xg = _groups(x)
-    if qw is None:
+    out = chunked(_q3_k_blocks, *_rows_of_blocks(x, qw, QK_K), chunk=CHUNK_BLOCKS)
+    return {name: out[name].reshape(*batch, *shape) for name, _, shape in FIELDS_Q3_K}
+
+
+def _q3_k_blocks(xb: jax.Array, qwb: jax.Array | None) -> dict[str, jax.Array]:
+    xg = _groups(xb)
+    if qwb is None:
         scales, levels = make_q3_quants(xg, 4)
         scales = scales.reshape(-1, _N_GROUPS)
         _, max_scale = first_absmax(scales.T)
@@ -189,11 +224,9 @@ def quantize_q3_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
         ls = jnp.where(live[:, None], ls, 0)
         d = jnp.where(live, exact_div(jnp.float32(1.0), iscale), 0.0).astype(jnp.float16)
     else:
-        xb = x.reshape(-1, QK_K)
         xx = no_fma(xb * xb)
         sigma2 = exact_div(2 * sequential_sum(xx, axis=-1), float(QK_K))
-        w = jnp.broadcast_to(qw, x.shape).reshape(-1, QK_K) * jnp.sqrt(sigma2[:, None] + xx)
-        wg = _groups(w)
+        wg = _groups(qwb * jnp.sqrt(sigma2[:, None] + xx))
         scales, levels = make_qx_quants(xg, wg, 4)
         sw = sequential_sum(wg, axis=0)
         d_block, ls = make_qx_quants(
@@ -201,7 +234,7 @@ def quantize_q3_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
         )
         ls = ls.T
         d = d_block.astype(jnp.float16)
-    q = _blocks_of(_requantize(xg, levels, d, ls - 32, 4), (-1,))
+    q = fusion_barrier(_blocks_of(_requantize(xg, levels, d, ls - 32, 4), (-1,)), xb)
     # hmask byte m, bit k: the high bit of value 32k + m; qs byte 32h + l, bits 2s..2s+1:
     # the low two bits of value 128h + 32s + l.
     hbits = (q >> 2).reshape(-1, 8, 32)
@@ -209,10 +242,10 @@ def quantize_q3_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
     low = (q & 3).reshape(-1, 2, 4, 32)
     qs = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)
     return {
-        "hmask": hmask.reshape(*batch, 32),
-        "qs": qs.reshape(*batch, 64),
-        "scales": _pack_q3_scales(ls).reshape(*batch, 12),
-        "d": d.reshape(batch),
+        "hmask": hmask,
+        "qs": qs.reshape(-1, 64),
+        "scales": _pack_q3_scales(ls),
+        "d": d,
     }
 
 
@@ -256,11 +289,17 @@ def _weighted_legacy(x: jax.Array, qw: jax.Array, nmax: int):
         )
     batch = (*x.shape[:-1], n // 32)
     rows = x.reshape(-1, n)
-    xx = no_fma(rows * rows)
-    sigma2 = exact_div(sequential_sum(xx, axis=-1), float(n))
-    w = qw[None] * jnp.sqrt(sigma2[:, None] + xx)
-    d, levels = make_qx_quants(rows.reshape(-1, 32).T, w.reshape(-1, 32).T, nmax)
-    return d.astype(jnp.float16).reshape(batch), levels.T.reshape(*batch, 32)
+    sigma2 = exact_div(sequential_sum(no_fma(rows * rows), axis=-1), float(n))
+    sigma2 = jnp.broadcast_to(sigma2[:, None], (rows.shape[0], n // 32)).reshape(-1)
+    xb, qwb = _rows_of_blocks(x, qw, 32)
+
+    def blocks(xb, qwb, sigma2):
+        w = qwb * jnp.sqrt(sigma2[:, None] + no_fma(xb * xb))
+        d, levels = make_qx_quants(xb.T, w.T, nmax)
+        return {"d": d.astype(jnp.float16), "levels": fusion_barrier(levels.T, xb)}
+
+    out = chunked(blocks, xb, qwb, sigma2, chunk=CHUNK_BLOCKS * 8)
+    return out["d"].reshape(batch), out["levels"].reshape(*batch, 32)
 
 
 def quantize_q4_0_weighted(x: jax.Array, qw: jax.Array) -> dict[str, jax.Array]:

@@ -18,10 +18,33 @@ from jax import lax
 
 from .guards import exact_div, nearest_int, no_fma, opaque, sequential_sum
 
-__all__ = ["GROUP_MAX_EPS", "first_absmax", "make_q3_quants", "make_qx_quants"]
+__all__ = [
+    "GROUP_MAX_EPS",
+    "first_absmax",
+    "fusion_barrier",
+    "make_q3_quants",
+    "make_qx_quants",
+]
 
 GROUP_MAX_EPS = np.float32(1e-15)
 """ggml's all-zero threshold: a group whose largest magnitude is below it is all zero."""
+
+
+def fusion_barrier(tree, dep: jax.Array):
+    """``tree`` unchanged, but computed once and stored before its consumers run.
+
+    XLA fuses an elementwise producer into each consumer and recomputes it there; packing
+    two or four levels per byte then redoes the re-quantization (a division) per byte,
+    reading the inputs with a stride. A conditional on a run-time predicate (``dep``'s
+    first element is NaN) is a boundary fusion can't cross; both branches return ``tree``
+    (one as ``t + 0``: XLA folds a conditional whose branches are the same computation).
+    ``lax.optimization_barrier`` doesn't stop this fusion on XLA:CPU.
+    """
+
+    def same(t):
+        return jax.tree.map(lambda a: a + 0, t)
+
+    return lax.cond(jnp.isnan(dep.reshape(-1)[0]), same, lambda t: t, tree)
 
 
 def first_absmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -167,7 +190,7 @@ def make_qx_quants(x: jax.Array, w: jax.Array, nmax: int) -> tuple[jax.Array, ja
 def _qx_search(x, w, mx, nmax: int, gradual: bool):
     wx = w * x
     iscale = exact_div(jnp.float32(-nmax), mx)
-    sumlx, suml2 = _sums(x, w, wx, iscale, nmax)
+    sumlx, suml2 = fusion_barrier(_sums(x, w, wx, iscale, nmax), x)
     scale = jnp.where(suml2 != 0, exact_div(sumlx, jnp.where(suml2 != 0, suml2, 1.0)), 0.0)
     # -(nmax + 0.1f*is) for is = -9..9, is != 0, rounded as the C does.
     steps = np.array([i for i in range(-9, 10) if i != 0], np.float32)
@@ -177,7 +200,7 @@ def _qx_search(x, w, mx, nmax: int, gradual: bool):
         # best = scale * best_sumlx is rebuilt at each comparison, as C's stored product.
         best_iscale, scale, best_sumlx, risky = carry
         iscale = exact_div(numerators[k], mx)
-        sumlx, suml2 = _sums(x, w, wx, iscale, nmax)
+        sumlx, suml2 = fusion_barrier(_sums(x, w, wx, iscale, nmax), x)
         one = jnp.ones_like(sumlx)
         wins, unsure = _greater_products(sumlx, sumlx, one, scale, best_sumlx, suml2, gradual)
         better = (suml2 > 0) & wins
@@ -198,9 +221,9 @@ def make_q3_quants(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
     """ggml's ``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on ``[n, G]`` groups.
 
     The coordinate descent visits the elements in order and updates the running sums
-    after each accepted change, as the C does. ggml stops after a pass that changes
-    nothing; such a pass leaves the state as it was, so the passes after it would
-    change nothing either, and running all five gives the same result.
+    after each accepted change, as the C does. ggml stops a group after a pass that
+    changes nothing; such a pass leaves the group as it was, so further passes would
+    change nothing either: here all groups run until none changed or five passes ran.
 
     Returns:
       ``(scale, L)`` as :func:`make_qx_quants`.
@@ -222,27 +245,43 @@ def _q3_search(x, mx, nmax: int, gradual: bool):
     sumlx = sequential_sum(no_fma(wx * levels), axis=0)
     suml2 = sequential_sum(no_fma((w * levels) * levels), axis=0)
 
-    def one_pass(_, carry):
+    def step(i, carry):
+        # One element of one pass; a loop rather than unrolled code keeps compiles short.
         levels, sumlx, suml2, risky = carry
-        rows = [levels[i] for i in range(n)]
-        for i in range(n):
-            li = rows[i]
-            slx = sumlx - no_fma(wx[i] * li)
-            sl2 = suml2 - no_fma((w[i] * li) * li)
-            positive = slx > 0
-            ratio = exact_div(x[i] * sl2, jnp.where(positive, slx, 1.0))
-            new_l = jnp.clip(nearest_int(ratio), -nmax, nmax - 1).astype(jnp.float32)
-            slx = slx + no_fma(wx[i] * new_l)
-            sl2 = sl2 + no_fma((w[i] * new_l) * new_l)
-            asked = positive & (new_l != li) & (sl2 > 0)
-            wins, unsure = _greater_products(slx, slx, suml2, sumlx, sumlx, sl2, gradual)
-            take = asked & wins
-            risky = risky | (asked & unsure)
-            rows[i] = jnp.where(take, new_l, li)
-            sumlx = jnp.where(take, slx, sumlx)
-            suml2 = jnp.where(take, sl2, suml2)
-        return jnp.stack(rows), sumlx, suml2, risky
+        xi, wi, wxi, li = (
+            lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (x, w, wx, levels)
+        )
+        slx = sumlx - no_fma(wxi * li)
+        sl2 = suml2 - no_fma((wi * li) * li)
+        positive = slx > 0
+        ratio = exact_div(xi * sl2, jnp.where(positive, slx, 1.0))
+        new_l = jnp.clip(nearest_int(ratio), -nmax, nmax - 1).astype(jnp.float32)
+        slx = slx + no_fma(wxi * new_l)
+        sl2 = sl2 + no_fma((wi * new_l) * new_l)
+        asked = positive & (new_l != li) & (sl2 > 0)
+        wins, unsure = _greater_products(slx, slx, suml2, sumlx, sumlx, sl2, gradual)
+        take = asked & wins
+        levels = lax.dynamic_update_index_in_dim(levels, jnp.where(take, new_l, li), i, 0)
+        return (
+            levels,
+            jnp.where(take, slx, sumlx),
+            jnp.where(take, sl2, suml2),
+            risky | (asked & unsure),
+        )
 
-    carry = (levels, sumlx, suml2, jnp.zeros(sumlx.shape, bool))
-    levels, sumlx, suml2, risky = lax.fori_loop(0, 5, one_pass, carry)
+    # ggml stops a group after a pass that changes nothing (the passes after it would
+    # change nothing either); the chunk stops when all its groups have.
+    def run(state):
+        done, before, risky, _ = state
+        after = lax.fori_loop(0, n, step, (*before, risky), unroll=4)
+        moved = jnp.any(after[0] != before[0])
+        return done + 1, after[:3], after[3], moved
+
+    state = (
+        jnp.int32(0),
+        (levels, sumlx, suml2),
+        jnp.zeros(sumlx.shape, bool),
+        jnp.bool_(True),
+    )
+    _, (levels, sumlx, suml2), risky, _ = lax.while_loop(lambda st: (st[0] < 5) & st[3], run, state)
     return (levels, sumlx, suml2), risky
