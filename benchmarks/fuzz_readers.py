@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
@@ -81,18 +82,25 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     r = run(args.cases, args.seed)
-    print(
-        f"{r['cases']} mutated files in {r['seconds']:.1f} s "
-        f"({1e3 * r['seconds'] / r['cases']:.2f} ms per case)"
+    from _common import machine, md_table, write_result
+
+    rows = [[name, c["ok"], c["error"], c["crash"]] for name, c in r["counts"].items()]
+    text = (
+        f"## Reader fuzzing: {r['cases']:,} structurally mutated files\n\n"
+        f"Machine: {machine()}\n\n"
+        "One field of each file's structure set to an edge value (header counts, string "
+        "lengths, value and tensor types, dimensions, offsets, alignment, jquant's JSON "
+        "metadata with its checksum fixed up, safetensors JSON fields, overlapping ranges, "
+        "lying header lengths; see `tests/_fuzz.py`), then read fully. Each must load or "
+        "raise `FileFormatError`; anything else is a crash.\n\n"
+        + md_table(["seed file", "loaded", "FileFormatError", "crash"], rows)
+        + f"\n\n{r['seconds']:.1f} s in all ({1e3 * r['seconds'] / r['cases']:.2f} ms per case); "
+        f"slowest case {1e3 * r['slowest_case_s'][0]:.0f} ms ({r['slowest_case_s'][1]}); "
+        f"peak RSS of the whole run {r['peak_rss_mib']:.0f} MiB.\n"
     )
-    print("| seed file | loaded | FileFormatError | crash |")
-    print("|---|---:|---:|---:|")
-    for name, c in r["counts"].items():
-        print(f"| {name} | {c['ok']} | {c['error']} | {c['crash']} |")
-    print(
-        f"slowest case: {r['slowest_case_s'][0] * 1e3:.1f} ms ({r['slowest_case_s'][1]}); "
-        f"peak RSS {r['peak_rss_mib']:.0f} MiB"
-    )
+    print(text)
+    if args.cases >= 10_000:
+        write_result("fuzz_readers", text)
     sys.exit(1 if r["crashes"] else 0)
 
 

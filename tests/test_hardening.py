@@ -565,3 +565,14 @@ def test_metadata_ints_beyond_64_bits(tmp_path):
     jquant.save_gguf(tmp_path / "m.gguf", _params(), metadata={"x.u64": 2**64 - 1, "x.n": -(2**63)})
     md = jquant.inspect_gguf(tmp_path / "m.gguf").metadata
     assert md["x.u64"] == 2**64 - 1 and md["x.n"] == -(2**63)
+
+
+def test_readme_lists_every_exit_code():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Errors") :]
+    codes = {v for k, v in vars(cli).items() if k.startswith("EXIT_")}
+    assert codes == {0, 1, 2, 3, 4, 5, 6, 130, 143}
+    for code in codes:
+        assert f"\n| {code} |" in section
