@@ -194,7 +194,7 @@ def big_npz(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-@pytest.mark.parametrize("delay", [0.0, 0.4])
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.4])
 def test_signals_stop_the_work_keep_the_old_output_and_leave_no_temp_file(
     tmp_path, big_npz, sig, code, delay
 ):
@@ -440,6 +440,25 @@ def test_zero_size_tensors_cost_little_memory(tmp_path):
     assert r.returncode == 0, r.stderr
     grown_kib = int(r.stdout.split()[-1])
     assert grown_kib < 1024 * n / 1000, f"{grown_kib / n * 1024:.0f} bytes per zero-size tensor"
+
+
+def test_zero_size_leaves_keep_their_shapes_dtypes_and_formats(tmp_path):
+    import jax.numpy as jnp
+
+    tree = {
+        "f": jnp.zeros((0, 64), jnp.bfloat16),
+        "q": jquant.quantize_tensor(np.zeros((0, 64), np.float32), "q4_0"),
+        "i": np.zeros((0, 3), np.int64),
+        "b": np.zeros(0, bool),
+    }
+    jquant.save_gguf(tmp_path / "z.gguf", tree)
+    back = jquant.load_gguf(tmp_path / "z.gguf")
+    assert (back["f"].shape, back["f"].dtype) == ((0, 64), jnp.bfloat16)
+    assert isinstance(back["q"], jquant.QuantizedTensor) and back["q"].qtype.name == "Q4_0"
+    assert back["q"].shape == (0, 64)
+    assert (back["i"].shape, back["i"].dtype) == ((0, 3), np.int64)
+    assert (back["b"].shape, back["b"].dtype) == ((0,), np.bool_)
+    assert back["i"] is not jquant.load_gguf(tmp_path / "z.gguf")["i"]  # numpy: never shared
 
 
 def test_a_foreign_format_decodes_in_bounded_memory(tmp_path):

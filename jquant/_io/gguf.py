@@ -542,7 +542,9 @@ def decode_tensor(
     ``entry`` is the tensor's ``jquant.tensors`` record (jquant files), else ``None``.
     """
     if t.size == 0:
-        return _empty(t.ggml_type, t.shape, None if entry is None else _entry_key(entry))
+        key = None if entry is None else _entry_key(entry)
+        x = _empty(t.ggml_type, t.shape, key, bool(jax.config.jax_enable_x64))
+        return x.copy() if isinstance(x, np.ndarray) else x  # numpy arrays are mutable
     data = np.asarray(mm[t.offset : t.offset + t.nbytes])
     if entry is not None:
         shape = tuple(int(s) for s in entry["shape"])
@@ -599,7 +601,7 @@ def _entry_key(entry: dict[str, Any]) -> tuple[str, str, tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _empty(ggml_type: int, shape: tuple[int, ...], key: tuple | None) -> Any:
+def _empty(ggml_type: int, shape: tuple[int, ...], key: tuple | None, x64: bool) -> Any:
     """The leaf of a zero-size tensor, shared: files with many of them load in O(1) each."""
     qt = QuantType(ggml_type) if ggml_type in {q.ggml_type for q in QuantType} else None
     if key is not None:
