@@ -55,7 +55,8 @@ def interruptible() -> Iterator[None]:
         yield
         return
     _pending.clear()
-    old = {s: signal.signal(s, _handler) for s in _SIGNALS}
+    # a signal the parent set to be ignored (nohup, `cmd &` in a script) stays ignored
+    old = {s: signal.signal(s, _handler) for s in _SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:
