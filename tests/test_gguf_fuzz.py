@@ -216,3 +216,25 @@ def test_crafted_valid_file_loads(tmp_path):
     p = _write(tmp_path, _pad(_header(n_tensors=1) + _tensor_info("t", [8], 0, 0)) + vals.tobytes())
     back = jquant.load_gguf(p)
     np.testing.assert_array_equal(jquant.dequantize_tensor(back["t"]), vals)
+
+
+N_STRUCTURAL = 300
+
+
+def test_structural_mutations_load_or_raise_file_format_error(tmp_path):
+    """Header fields and JSON metadata set to edge values (benchmarks/fuzz_readers.py runs
+    10,000): each file loads or raises FileFormatError, never another exception."""
+    from tests._fuzz import check_case, mutate_gguf, mutate_safetensors, seed_files
+
+    base = seed_files(tmp_path)
+    rng = np.random.default_rng(5)
+    names = sorted(base)
+    outcomes = {"ok": 0, "error": 0}
+    for k in range(N_STRUCTURAL):
+        kind, seed = base[names[k % len(names)]]
+        if kind == "gguf":
+            p = _write(tmp_path, mutate_gguf(seed, rng), "case.gguf")
+        else:
+            p = _write(tmp_path, mutate_safetensors(*seed, rng), "case.safetensors")
+        outcomes[check_case(str(p), kind)] += 1
+    assert outcomes["error"] > N_STRUCTURAL // 2

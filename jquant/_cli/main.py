@@ -6,9 +6,15 @@ bits/weight, size, compression ratio, RMSE, max error and time.
 
 Exit codes: 0 success; 1 unexpected internal error (set ``JQUANT_DEBUG=1`` for the
 traceback); 2 bad command line; 3 input file missing or unreadable; 4 input file
-corrupt or not in a format jquant reads; 5 quantization problem (NaN/Inf, scale
-overflow, unknown format, bad rule); 6 output can't be written (disk full,
-permissions); 130 interrupted.
+corrupt or not in a format jquant reads; 5 quantization problem (NaN/Inf, a value out
+of range, scale overflow, unknown format, bad rule); 6 output refused or can't be
+written (the input itself, a folder, FIFO or device, a missing folder, disk full,
+permissions); 130 interrupted (SIGINT); 143 terminated (SIGTERM). On 130/143 the
+existing output is untouched and no temporary file is left.
+
+Everything printed that comes from a file or the command line (tensor names,
+metadata, paths, rules, error messages) goes through :mod:`jquant._core.terminal`:
+never rich markup, control characters shown as ``\\xNN``.
 """
 
 from __future__ import annotations
@@ -32,23 +38,25 @@ from rich.table import Table
 from .. import __version__
 from .._core.blocks import error_stats, error_sums
 from .._core.tensor import human_bytes
+from .._core.terminal import markup_escape, plain_text, printable
 from .._errors import FileFormatError, FileWriteError, QuantError
 from .._export.cli import add_export_command, export_dir, model_dir_for
 from .._formats.quant_type import QuantType
 from .._formats.registry import DEFAULT_FORMAT, SMALL_FORMAT, formats
-from .._io.gguf import K_TENSORS, gguf_name, inspect_gguf
+from .._io.gguf import gguf_name, inspect_gguf, jquant_entries
 from .._io.safetensors import convert_sources, read_sources
 from .._llama.cli import JQUANT_ARCH_NOTE, quantize_llama
 from .._model.model import quantize_model
 from .._model.report import format_number
 from .example import example_params
+from .signals import check_interrupted, interruptible
 
 __all__ = ["main"]
 
 _FORMAT_NAMES = [s.name for s in formats() if s.bits_per_weight < 32]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_NO_INPUT, EXIT_BAD_INPUT = 0, 1, 2, 3, 4
-EXIT_QUANT, EXIT_WRITE, EXIT_INTERRUPTED = 5, 6, 130
+EXIT_QUANT, EXIT_WRITE, EXIT_INTERRUPTED, EXIT_TERMINATED = 5, 6, 130, 143
 
 _DEFAULT, _SMALL = DEFAULT_FORMAT.name.lower(), SMALL_FORMAT.name.lower()
 _EPILOG = f"""\
@@ -65,8 +73,10 @@ examples:
 exit codes:
   0 ok, 1 internal error (JQUANT_DEBUG=1 shows the traceback), 2 bad command line,
   3 input missing or unreadable, 4 input corrupt or of an unknown type,
-  5 quantization problem (NaN/Inf, scale overflow, unknown format, bad rule),
-  6 output can't be written (disk full, permissions), 130 interrupted
+  5 quantization problem (NaN/Inf, value out of range, scale overflow, unknown format,
+  bad rule), 6 output refused or can't be written (it is the input, a folder, FIFO or
+  device; missing folder, disk full, permissions), 130 interrupted (SIGINT),
+  143 terminated (SIGTERM); on 130/143 the old output is kept and no temporary file left
 """
 
 
@@ -148,14 +158,21 @@ def _console(stderr: bool = False):
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    # allow_nan=False: NaN/Infinity are not JSON; _json_safe already made them strings
+    sys.stdout.write(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
+def _json_safe(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else str(o)
+    if isinstance(o, (str, int, bool)) or o is None:
+        return o
+    if isinstance(o, dict):
+        return {str(k): _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
     if hasattr(o, "tolist"):
-        return o.tolist()
+        return _json_safe(o.tolist())
     return str(o)
 
 
@@ -248,10 +265,18 @@ def _rules(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 
 def _progress(quiet: bool, verb: str = "quantizing"):
-    """(rich Progress or None, callback); no bar when quiet or not on a terminal."""
+    """(rich Progress or None, callback); no bar when quiet or not on a terminal.
+
+    The callback is always given: it is where a signal whose exception was lost (see
+    :mod:`jquant._cli.signals`) stops the work between tensors.
+    """
     console = _console(stderr=True)
     if quiet or not console.is_terminal:
-        return None, None
+
+        def check(done: int, total: int, name: str) -> None:
+            check_interrupted()
+
+        return None, check
     prog = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -263,7 +288,10 @@ def _progress(quiet: bool, verb: str = "quantizing"):
     task = prog.add_task(verb, total=None)
 
     def callback(done: int, total: int, name: str) -> None:
-        prog.update(task, completed=done, total=total, description=f"{verb} {name[:40]}")
+        check_interrupted()
+        prog.update(
+            task, completed=done, total=total, description=f"{verb} {markup_escape(name[:40])}"
+        )
 
     return prog, callback
 
@@ -293,6 +321,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             keep_1d=not args.quantize_1d,
             metadata=meta,
             progress=callback,
+            inputs=[args.input],
         )
     elapsed = time.perf_counter() - t0
     file_size = os.path.getsize(args.output)
@@ -319,6 +348,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         console = _console()
         if len(report.rows) <= 200:
             console.print(report.table(f"{args.input} -> {args.output}", errors=False))
+        out = markup_escape(args.output)
         if requant:
             console.print(
                 f"[yellow]note:[/] {len(requant)} tensor(s) were already quantized in the input "
@@ -326,9 +356,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             )
         unmatched = [p for p in report.unmatched_rules if p != ".*"]
         if unmatched:
-            console.print(f"[yellow]note:[/] rules that matched no tensor: {', '.join(unmatched)}")
+            console.print(
+                f"[yellow]note:[/] rules that matched no tensor: "
+                f"{markup_escape(', '.join(unmatched))}"
+            )
         console.print(
-            f"wrote {args.output}: {human_bytes(file_size)} ({report.bits_per_weight:.2f} bits/weight, "
+            f"wrote {out}: {human_bytes(file_size)} ({report.bits_per_weight:.2f} bits/weight, "
             f"{report.compression_ratio:.2f}x smaller than the input tensors) in {elapsed:.1f} s"
         )
         if "general.architecture" not in meta:  # safetensors / npz / jquant inputs
@@ -405,12 +438,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             raise FileNotFoundError(2, "No such file or directory", path)
 
         info = inspect_gguf(path)
-        entries = None
-        if info.is_jquant:
-            try:
-                entries = json.loads(info.metadata[K_TENSORS])
-            except (KeyError, ValueError):
-                raise FileFormatError(f"{path}: corrupt jquant metadata") from None
+        parsed = jquant_entries(info)
+        entries = parsed[0] if parsed else None
         tensors = []
         for k, t in enumerate(info.tensors):
             e = entries[k] if entries and k < len(entries) else None
@@ -467,7 +496,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console = _console()
     total_bits = 8 * summary["tensor_bytes"] / summary["values"] if summary["values"] else 0.0
     console.print(
-        f"[bold]{path}[/]: {summary['kind']}"
+        f"[bold]{markup_escape(path)}[/]: {markup_escape(summary['kind'])}"
         + (f" v{summary['gguf_version']}" if "gguf_version" in summary else "")
         + (", written by jquant" if summary.get("written_by_jquant") else "")
         + f", {human_bytes(summary['file_size'])}, {len(tensors)} tensors, "
@@ -478,7 +507,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         mt.add_column("key")
         mt.add_column("value")
         for k, v in meta.items():
-            mt.add_row(k, _short(v))
+            mt.add_row(plain_text(k), plain_text(_short(v)))
         console.print(mt)
     tt = Table(title="tensors")
     for col in ("name", "format", "shape", "size", "bits/w"):
@@ -487,15 +516,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for t in tensors:
         counts[t["format"]] = counts.get(t["format"], 0) + 1
         tt.add_row(
-            t.get("path") or t["name"],
-            t["format"]
-            + (f" ({t['dtype']})" if t.get("dtype") and t["dtype"] != t["format"] else ""),
+            plain_text(t.get("path") or t["name"]),
+            plain_text(
+                t["format"]
+                + (f" ({t['dtype']})" if t.get("dtype") and t["dtype"] != t["format"] else "")
+            ),
             "x".join(map(str, t["shape"])) or "()",
             human_bytes(t["bytes"]),
             f"{t['bits_per_weight']:.2f}",
         )
     console.print(tt)
-    console.print("formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    console.print(
+        plain_text("formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    )
     return EXIT_OK
 
 
@@ -515,13 +548,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = []
     missing = []
     prog, callback = _progress(args.json, "comparing")
+    assert callback is not None
     total = sum(math.prod(o.shape) * o.dtype.itemsize for o in orig)
     done = 0
     with prog if prog is not None else contextlib.nullcontext():
         for o in orig:
             done += math.prod(o.shape) * o.dtype.itemsize
-            if callback is not None:
-                callback(done, total, o.name)
+            callback(done, total, o.name)
             q = by_name.get(o.name) or by_gguf.get(gguf_name(o.name))
             if q is None:
                 missing.append(o.name)
@@ -567,26 +600,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
             }
         )
         return EXIT_OK
-    t = Table(title=f"{args.original} vs {args.quantized}")
+    t = Table(title=plain_text(f"{args.original} vs {args.quantized}"))
     for col in ("tensor", "format", "shape", "bits/w", "RMSE", "max error", "SQNR dB", "note"):
         t.add_column(
             col, justify="left" if col in ("tensor", "format", "shape", "note") else "right"
         )
     for r in rows:
         t.add_row(
-            r["name"],
-            r["format"],
+            plain_text(r["name"]),
+            plain_text(r["format"]),
             "x".join(map(str, r["shape"])) or "()",
             f"{r['bits_per_weight']:.2f}",
             format_number(r.get("rmse")),
             format_number(r.get("max_error")),
             format_number(r.get("sqnr_db"), ".1f"),
-            r.get("note", ""),
+            plain_text(r.get("note", "")),
         )
     console = _console()
     console.print(t)
     if missing:
-        console.print(f"[yellow]only in {args.original}:[/] {', '.join(missing[:20])}")
+        console.print(
+            f"[yellow]only in {markup_escape(args.original)}:[/] "
+            f"{markup_escape(', '.join(missing[:20]))}"
+        )
     return EXIT_OK
 
 
@@ -594,7 +630,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _fail(msg: str, code: int) -> int:
-    sys.stderr.write(f"jquant: error: {msg}\n")
+    sys.stderr.write(f"jquant: error: {printable(msg)}\n")
     return code
 
 
@@ -606,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["quantize", "/no/such/file.safetensors", "-o", "/tmp/x.gguf"])
         3
     """
+    argv_given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     try:
@@ -625,9 +662,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json = False
     debug = bool(os.environ.get("JQUANT_DEBUG"))
     try:
-        return commands[args.command](args)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
+        with interruptible():
+            code = commands[args.command](args)
+            check_interrupted()
+            return code
+    except KeyboardInterrupt as e:
+        if getattr(e, "exit_code", EXIT_INTERRUPTED) == EXIT_TERMINATED:
+            code = _fail("terminated (SIGTERM)", EXIT_TERMINATED)
+        else:
+            code = _fail("interrupted (SIGINT)", EXIT_INTERRUPTED)
+        if argv_given:
+            return code
+        # As a program: cleanup is done (no temporary file, old output kept). Skip the
+        # interpreter's teardown, which can crash (SIGSEGV) while an XLA compilation
+        # that the signal cut short is still running on another thread.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     except FileWriteError as e:
         return _fail(str(e), EXIT_WRITE)
     except FileFormatError as e:

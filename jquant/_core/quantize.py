@@ -26,6 +26,7 @@ __all__ = [
     "as_blocks",
     "as_rows",
     "check_dtype",
+    "check_float32_range",
     "check_imatrix",
     "dequantize_leaves",
     "dequantize_tensor",
@@ -48,6 +49,37 @@ def check_dtype(x: Any, name: str | None = None) -> np.dtype:
             f"unquantized, or cast them with .astype(jnp.float32) if they are weights."
         )
     return dtype
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(x: Any, qtype: QuantType, name: str | None = None) -> None:
+    """Refuse a concrete float64 array holding finite values beyond float32's range.
+
+    Every format is computed from float32, so such a value would silently become Inf
+    (F16/BF16/F32) or be reported as non-finite (block formats). Arrays of other dtypes
+    and traced values pass unchecked.
+
+    Raises:
+        ScaleOverflowError: the first out-of-range value, with its index.
+    """
+    if isinstance(x, jax.core.Tracer) or np.dtype(getattr(x, "dtype", np.float32)) != np.float64:
+        return
+    flat = np.asarray(x).reshape(-1)
+    step = 1 << 20  # bounded temporaries on big tensors
+    for lo in range(0, flat.size, step):
+        part = flat[lo : lo + step]
+        bad = np.isfinite(part) & (np.abs(part) > _F32_MAX)
+        if bad.any():
+            k = lo + int(np.argmax(bad))
+            index = tuple(int(i) for i in np.unravel_index(k, np.shape(x))) if np.ndim(x) else ()
+            what = f"tensor {name!r}" if name else "the input"
+            raise ScaleOverflowError(
+                f"{what}: value {float(flat[k]):.6g} at element {index} is out of range for "
+                f"{qtype.name} (jquant computes every format from float32, whose largest value "
+                f"is {_F32_MAX:.6g}); scale or clip the tensor, or keep it unquantized"
+            )
 
 
 def as_rows(x: jax.Array, spec: FormatSpec) -> jax.Array:
@@ -239,6 +271,8 @@ def quantize_tensor(
     """
     qtype = QuantType.parse(qtype)
     check_dtype(x, name)
+    if check is not False:
+        check_float32_range(x, qtype, name)
     x = jnp.asarray(x)
     dtype = np.dtype(x.dtype)  # float64 becomes float32 unless jax_enable_x64 is on
     lo, hi = _clip_bounds(clip)

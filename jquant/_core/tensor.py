@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -225,7 +226,15 @@ class QuantizedTensor:
                     f"{qtype.name} block size ({qtype.bytes_per_block} bytes)"
                 )
             shape = (*raw.shape[:-1], raw.shape[-1] // qtype.bytes_per_block * qtype.block_size)
-        shape = tuple(int(s) for s in shape)
+        try:
+            shape = tuple(operator.index(s) for s in shape)
+        except TypeError:
+            raise FileFormatError(f"shape {shape!r} is not a tuple of integers") from None
+        if len(shape) > 64 or any(s < 0 for s in shape):
+            raise FileFormatError(
+                f"shape {shape if len(shape) <= 8 else f'of {len(shape)} dimensions'} is not "
+                f"valid: at most 64 non-negative dimensions"
+            )
         lead, n = _lead(shape), _row_len(shape)
         nb = num_blocks_for(n, qtype)
         expected = math.prod(lead) * nb * qtype.bytes_per_block

@@ -52,6 +52,7 @@ float32 with one warning listing them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -197,21 +198,26 @@ def _skeleton(node: Any, leaf: Callable[[int], Any]) -> Any:
     }
 
 
-def _rebuild(skel: Any, leaf: Callable[[Any], Any]) -> Any:
+MAX_TREE_DEPTH = 100  # nesting of a saved pytree; deeper jquant.tree metadata is refused
+
+
+def _rebuild(skel: Any, leaf: Callable[[Any], Any], depth: int = 0) -> Any:
     if skel is None:
         return None
     if not isinstance(skel, dict) or len(skel) not in (1, 2):
         raise FileFormatError(f"bad jquant.tree node {str(skel)[:80]!r}")
     if "i" in skel or "v" in skel:
         return leaf(skel)
+    if depth >= MAX_TREE_DEPTH:
+        raise FileFormatError(f"jquant.tree is nested more than {MAX_TREE_DEPTH} levels deep")
     if "d" in skel:
-        return {k: _rebuild(v, leaf) for k, v in skel["d"]}
+        return {k: _rebuild(v, leaf, depth + 1) for k, v in skel["d"]}
     if "l" in skel:
-        return [_rebuild(v, leaf) for v in skel["l"]]
+        return [_rebuild(v, leaf, depth + 1) for v in skel["l"]]
     if "t" in skel:
-        return tuple(_rebuild(v, leaf) for v in skel["t"])
+        return tuple(_rebuild(v, leaf, depth + 1) for v in skel["t"])
     if "c" in skel:
-        return {k: _rebuild(v, leaf) for k, v in skel["k"]}
+        return {k: _rebuild(v, leaf, depth + 1) for k, v in skel["k"]}
     raise FileFormatError(f"bad jquant.tree node {str(skel)[:80]!r}")
 
 
@@ -339,8 +345,8 @@ def jquant_entries(info: GGUFInfo) -> tuple[list[dict[str, Any]], Any] | None:
     if zlib.crc32((tj + "\n" + trj).encode()) != checksum:
         raise FileFormatError(f"{bad}: checksum mismatch (the file was modified or damaged)")
     try:
-        entries, tree = json.loads(tj), json.loads(trj)
-    except json.JSONDecodeError as e:
+        entries, tree = strict_json(tj), strict_json(trj)
+    except (ValueError, RecursionError) as e:
         raise FileFormatError(f"{bad}: {e}") from None
     if not isinstance(entries, list) or len(entries) != len(info.tensors):
         raise FileFormatError(
@@ -350,21 +356,7 @@ def jquant_entries(info: GGUFInfo) -> tuple[list[dict[str, Any]], Any] | None:
     if entries and (not isinstance(crcs, list) or len(crcs) != len(entries)):
         raise FileFormatError(f"{bad}: {K_CRC} doesn't match the tensor count")
     for e, t in zip(entries, info.tensors, strict=True):
-        try:
-            shape = tuple(int(s) for s in e["shape"])
-            ok = (
-                e["name"] == t.name
-                and e["type"] == t.ggml_type
-                and e["kind"] in ("q", "a")
-                and isinstance(e["path"], str)
-                and isinstance(e["dtype"], str)
-                and stored_shape(shape) == t.shape
-                and math.prod(shape) == t.size
-                and all(s >= 0 for s in shape)
-            )
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
+        if not _entry_matches(e, t):
             raise FileFormatError(
                 f"{bad}: the entry for tensor {t.name!r} doesn't match its header"
             )
@@ -374,6 +366,47 @@ def jquant_entries(info: GGUFInfo) -> tuple[list[dict[str, Any]], Any] | None:
                 f"{bad}: tensor {t.name!r} is marked quantized but is {t.type_name}"
             )
     return entries, tree
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` that refuses ``NaN``/``Infinity`` and (as ValueError) deep nesting."""
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(text, parse_constant=constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _entry_matches(e: Any, t: GGUFTensorInfo) -> bool:
+    """True if a ``jquant.tensors`` record is well-formed and agrees with the header."""
+    if not isinstance(e, dict):
+        return False
+    shape = e.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= 64
+        and all(_is_int(s) and 0 <= s < 2**63 for s in shape)
+    ):
+        return False
+    shape = tuple(shape)
+    return (
+        e.get("name") == t.name
+        and _is_int(e.get("type"))
+        and e["type"] == t.ggml_type
+        and e.get("kind") in ("q", "a")
+        and isinstance(e.get("path"), str)
+        and isinstance(e.get("dtype"), str)
+        and e["dtype"] in ARRAY_TYPES
+        and math.prod(shape) == t.size
+        and stored_shape(shape) == t.shape
+    )
 
 
 def _place(x: Any, device: Any, path: str, shape: tuple[int, ...]) -> Any:
@@ -455,14 +488,17 @@ def load_gguf(
     def leaf(ref):
         if "v" in ref:
             return ref["v"]
-        return tensors[ref["i"]]
+        i = ref["i"]
+        if not (_is_int(i) and 0 <= i < len(tensors)):
+            raise FileFormatError(f"{info.path}: corrupt {K_TREE} (leaf index {i!r})")
+        return tensors[i]
 
     if like is not None:
         paths, leaves, treedef, _ = _flatten(like)
         flat = []
         try:
             _collect(tree, flat, leaf)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise FileFormatError(f"{info.path}: corrupt {K_TREE} ({e})") from None
         diff = None
         if len(flat) != len(paths):
@@ -482,25 +518,27 @@ def load_gguf(
         return _rebuild(tree, leaf)
     except QuantError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise FileFormatError(f"{info.path}: corrupt {K_TREE} ({e})") from None
 
 
-def _collect(tree: Any, out: list, leaf: Callable) -> None:
+def _collect(tree: Any, out: list, leaf: Callable, depth: int = 0) -> None:
     """(ref, leaf) pairs of a skeleton in ``jax.tree_util`` order (dict keys sorted)."""
     if tree is None:
         return
+    if depth >= MAX_TREE_DEPTH:
+        raise FileFormatError(f"jquant.tree is nested more than {MAX_TREE_DEPTH} levels deep")
     if "i" in tree or "v" in tree:
         out.append((tree, leaf(tree)))
     elif "d" in tree:
         for _, v in sorted(tree["d"], key=lambda kv: kv[0]):
-            _collect(v, out, leaf)
+            _collect(v, out, leaf, depth + 1)
     elif "l" in tree or "t" in tree:
         for v in tree.get("l", tree.get("t")):
-            _collect(v, out, leaf)
+            _collect(v, out, leaf, depth + 1)
     else:
         for _, v in tree["k"]:
-            _collect(v, out, leaf)
+            _collect(v, out, leaf, depth + 1)
 
 
 def decode_tensor(
@@ -510,6 +548,10 @@ def decode_tensor(
 
     ``entry`` is the tensor's ``jquant.tensors`` record (jquant files), else ``None``.
     """
+    if t.size == 0:
+        key = None if entry is None else _entry_key(entry)
+        x = _empty(t.ggml_type, t.shape, key, bool(jax.config.jax_enable_x64))
+        return x.copy() if isinstance(x, np.ndarray) else x  # numpy arrays are mutable
     data = np.asarray(mm[t.offset : t.offset + t.nbytes])
     if entry is not None:
         shape = tuple(int(s) for s in entry["shape"])
@@ -524,17 +566,59 @@ def decode_tensor(
     if qt is not None:
         return QuantizedTensor.from_bytes(data, qt, t.shape, restored_dtype(qt))
     if t.ggml_type in RAW_TYPES:
-        return _to_jax(data.view(np.dtype(RAW_TYPES[t.ggml_type])).reshape(t.shape))
+        # an owned copy: a view would change when the file does (and SIGBUS if it shrinks)
+        a = np.array(data.view(np.dtype(RAW_TYPES[t.ggml_type])).reshape(t.shape))
+        return _to_jax(a)
+    return jnp.asarray(_decode_foreign(info, data, t).reshape(t.shape))
+
+
+DECODE_CHUNK_VALUES = 1 << 16  # values per gguf.quants call: bounds its temporaries
+
+
+def _decode_foreign(info: GGUFInfo, data: np.ndarray, t: GGUFTensorInfo) -> np.ndarray:
+    """float32 values of a tensor in a format only gguf-py decodes, a few blocks at a time.
+
+    gguf-py's decoders make several float temporaries of the whole input (an IQ1_S
+    tensor peaked at 4x its float32 size); blocks are independent, so decoding slabs of
+    blocks into one output array keeps the peak near the output itself.
+    """
     block, type_size = ggml_sizes()[t.ggml_type]
-    rows = data.reshape(*t.shape[:-1], t.shape[-1] // block * type_size) if t.shape else data
-    try:
-        vals = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(t.ggml_type))
-    except NotImplementedError:
-        raise FileFormatError(
-            f"{info.path}: tensor {t.name!r} is stored as {t.type_name}, which neither "
-            f"jquant nor gguf-py can decode"
-        ) from None
-    return jnp.asarray(np.asarray(vals, np.float32).reshape(t.shape))
+    blocks = data.reshape(-1, type_size)
+    out = np.empty(blocks.shape[0] * block, np.float32)
+    step = max(1, DECODE_CHUNK_VALUES // block)
+    qtype = gguf.GGMLQuantizationType(t.ggml_type)
+    for i in range(0, blocks.shape[0], step):
+        chunk = blocks[i : i + step].reshape(1, -1)
+        try:
+            vals = gguf.quants.dequantize(chunk, qtype)
+        except NotImplementedError:
+            raise FileFormatError(
+                f"{info.path}: tensor {t.name!r} is stored as {t.type_name}, which neither "
+                f"jquant nor gguf-py can decode"
+            ) from None
+        out[i * block : i * block + vals.size] = vals.reshape(-1)
+    return out
+
+
+def _entry_key(entry: dict[str, Any]) -> tuple[str, str, tuple[int, ...]]:
+    return entry["kind"], entry["dtype"], tuple(entry["shape"])
+
+
+@functools.lru_cache(maxsize=256)
+def _empty(ggml_type: int, shape: tuple[int, ...], key: tuple | None, x64: bool) -> Any:
+    """The leaf of a zero-size tensor, shared: files with many of them load in O(1) each."""
+    qt = QuantType(ggml_type) if ggml_type in {q.value for q in QuantType} else None
+    if key is not None:
+        kind, dtype_name, logical = key
+        dtype = stored_dtype(dtype_name)
+        if kind == "q" and qt is not None:
+            return QuantizedTensor.from_bytes(np.zeros(0, np.uint8), qt, logical, dtype)
+        return _to_jax(np.zeros(logical, dtype))
+    if qt is not None:
+        return QuantizedTensor.from_bytes(np.zeros(0, np.uint8), qt, shape, restored_dtype(qt))
+    if ggml_type in RAW_TYPES:
+        return _to_jax(np.zeros(shape, np.dtype(RAW_TYPES[ggml_type])))
+    return jnp.zeros(shape, jnp.float32)
 
 
 def is_decoded(t: GGUFTensorInfo) -> bool:

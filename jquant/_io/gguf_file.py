@@ -18,18 +18,18 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
-from .._errors import FileFormatError, FileWriteError, QuantError, UnknownFormatError
+from .._errors import FileFormatError, QuantError, UnknownFormatError
 from .._formats.quant_type import QuantType
 from .._formats.registry import formats, numpy_dtype
+from .safe_write import atomic_output
 
 __all__ = [
     "Entry",
@@ -203,7 +203,16 @@ def _kv_item(key: str, value: Any) -> tuple[Any, int, int | None]:
         if t is not None:
             return value.item(), t, None
     if isinstance(value, int):
-        return value, (_UINT32 if 0 <= value < 2**32 else _INT64), None
+        if not -(2**63) <= value < 2**64:
+            raise QuantError(
+                f"metadata {key!r}: {value} doesn't fit in 64 bits (GGUF's widest integer); "
+                f"store it as a string"
+            )
+        return (
+            value,
+            (_UINT32 if 0 <= value < 2**32 else _INT64 if value < 2**63 else _UINT64),
+            None,
+        )
     if isinstance(value, float):
         return value, _FLOAT32, None
     if isinstance(value, str):
@@ -213,6 +222,8 @@ def _kv_item(key: str, value: Any) -> tuple[Any, int, int | None]:
         types = {t for _, t, _ in items}
         if types == {_UINT32, _INT64}:
             types = {_INT64}
+        if types == {_UINT32, _UINT64}:
+            types = {_UINT64}
         if len(types) == 1 and _ARRAY not in types:
             return [v for v, _, _ in items], _ARRAY, types.pop()
     raise QuantError(
@@ -228,13 +239,16 @@ def write_gguf(
     tree: Any,
     metadata: Mapping[str, Any] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write ``entries`` atomically: a temporary file in the same folder, fsync, rename.
 
     Each entry's bytes are produced, written and dropped one at a time, so memory stays
-    near the largest tensor. ``tree`` is the JSON-able skeleton (see module docs).
+    near the largest tensor. ``tree`` is the JSON-able skeleton (see module docs). The
+    output path follows :func:`jquant._io.safe_write.check_output` (symlinks followed,
+    FIFOs, devices and folders refused, never one of ``inputs``); an exception raised by
+    ``progress`` (e.g. on a signal) aborts the write and leaves no temporary file.
     """
-    path = Path(path)
     metadata = dict(metadata or {})
     arch = str(metadata.pop("general.architecture", "jquant"))
     kv = []
@@ -255,114 +269,75 @@ def write_gguf(
     tree_json = json.dumps(tree, separators=(",", ":"))
     checksum = zlib.crc32((tensors_json + "\n" + tree_json).encode())
 
-    if path.is_dir():
-        raise FileWriteError(f"can't write {str(path)!r}: it is a directory; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp = None
-    writer = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
+    with atomic_output(path, inputs=inputs) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        for key, value, vtype, sub in kv:
-            writer.add_key_value(
-                key,
-                value,
-                gguf.GGUFValueType(vtype),
-                None if sub is None else gguf.GGUFValueType(sub),
+        try:
+            _write_file(
+                writer, tmp, kv, metadata, entries, tensors_json, tree_json, checksum, progress
             )
-        block_types = {s.ggml_type for s in formats() if s.is_block_quantized}
-        if "general.quantization_version" not in metadata and any(
-            e.ggml_type in block_types for e in entries
-        ):
-            # ggml's GGML_QNT_VERSION: the current Q4_0/Q4_1/Q5_x/Q8_0 block layouts
-            writer.add_quantization_version(2)
-        writer.add_uint32(K_VERSION, FORMAT_VERSION)
-        writer.add_key_value(K_TENSORS, tensors_json, gguf.GGUFValueType.STRING)
-        writer.add_key_value(K_TREE, tree_json, gguf.GGUFValueType.STRING)
-        writer.add_uint32(K_CHECKSUM, checksum)
-        if entries:  # last key: its values end the KV section, patched once data is written
-            writer.add_key_value(
-                K_CRC, [0] * len(entries), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
-            )
-        for e in entries:
-            writer.add_tensor_info(
-                e.name,
-                e.byte_shape,
-                np.dtype(np.uint8),
-                e.nbytes,
-                raw_dtype=gguf.GGMLQuantizationType(e.ggml_type),
-            )
-        writer.write_header_to_file(Path(tmp))
-        writer.write_kv_data_to_file()
-        fout = writer.fout[0]
-        kv_end = fout.tell()
-        writer.write_ti_data_to_file()
-        writer.write_padding(fout, fout.tell())
-        crcs = []
-        total = sum(e.nbytes for e in entries)
-        done = 0
-        for e in entries:
-            data = np.ascontiguousarray(e.produce()).reshape(-1).view(np.uint8)
-            if data.size != e.nbytes:
-                raise QuantError(  # pragma: no cover - a bug, not a user error
-                    f"internal error: tensor {e.path!r} produced {data.size} bytes, expected {e.nbytes}"
-                )
-            crcs.append(zlib.crc32(data))
-            writer.write_tensor_data(data)
-            del data
-            done += e.nbytes
-            if progress is not None:
-                progress(done, total, e.path)
-        if entries:
-            fout.seek(kv_end - 4 * len(entries))
-            fout.write(np.asarray(crcs, "<u4").tobytes())
-            fout.seek(0, os.SEEK_END)
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        writer = None
-        mask = os.umask(0o022)  # mkstemp made it 0600: give it the mode open() would
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(folder)
-    except OSError as e:
-        raise FileWriteError(_write_problem(path, folder, e)) from e
-    finally:
-        if writer is not None:
+        finally:
             writer.close()
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    return path
+    return Path(path)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_problem(path: Path, folder: Path, e: OSError) -> str:
-    where = f"can't write {str(path)!r}"
-    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
-        return f"{where}: no space left on the device holding {str(folder)!r}; free some space or write elsewhere (no partial file was left)"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{where}: permission denied in {str(folder)!r} ({e.strerror}); choose a folder you can write to"
-    if e.errno == errno.ENOENT and not folder.is_dir():
-        return f"{where}: the folder {str(folder)!r} does not exist; create it first"
-    return f"{where}: {e.strerror or e}"
+def _write_file(writer, tmp, kv, metadata, entries, tensors_json, tree_json, checksum, progress):
+    for key, value, vtype, sub in kv:
+        writer.add_key_value(
+            key,
+            value,
+            gguf.GGUFValueType(vtype),
+            None if sub is None else gguf.GGUFValueType(sub),
+        )
+    block_types = {s.ggml_type for s in formats() if s.is_block_quantized}
+    if "general.quantization_version" not in metadata and any(
+        e.ggml_type in block_types for e in entries
+    ):
+        # ggml's GGML_QNT_VERSION: the current Q4_0/Q4_1/Q5_x/Q8_0 block layouts
+        writer.add_quantization_version(2)
+    writer.add_uint32(K_VERSION, FORMAT_VERSION)
+    writer.add_key_value(K_TENSORS, tensors_json, gguf.GGUFValueType.STRING)
+    writer.add_key_value(K_TREE, tree_json, gguf.GGUFValueType.STRING)
+    writer.add_uint32(K_CHECKSUM, checksum)
+    if entries:  # last key: its values end the KV section, patched once data is written
+        writer.add_key_value(
+            K_CRC, [0] * len(entries), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
+        )
+    for e in entries:
+        writer.add_tensor_info(
+            e.name,
+            e.byte_shape,
+            np.dtype(np.uint8),
+            e.nbytes,
+            raw_dtype=gguf.GGMLQuantizationType(e.ggml_type),
+        )
+    writer.write_header_to_file(Path(tmp))
+    writer.write_kv_data_to_file()
+    fout = writer.fout[0]
+    kv_end = fout.tell()
+    writer.write_ti_data_to_file()
+    writer.write_padding(fout, fout.tell())
+    crcs = []
+    total = sum(e.nbytes for e in entries)
+    done = 0
+    for e in entries:
+        data = np.ascontiguousarray(e.produce()).reshape(-1).view(np.uint8)
+        if data.size != e.nbytes:
+            raise QuantError(  # pragma: no cover - a bug, not a user error
+                f"internal error: tensor {e.path!r} produced {data.size} bytes, expected {e.nbytes}"
+            )
+        crcs.append(zlib.crc32(data))
+        # file.write, not ndarray.tofile: a full disk then raises ENOSPC, not a byte count
+        fout.write(memoryview(data))
+        writer.write_padding(fout, data.size)
+        del data
+        done += e.nbytes
+        if progress is not None:
+            progress(done, total, e.path)
+    if entries:
+        fout.seek(kv_end - 4 * len(entries))
+        fout.write(np.asarray(crcs, "<u4").tobytes())
+        fout.seek(0, os.SEEK_END)
+    fout.flush()
 
 
 # -- reading -----------------------------------------------------------------------
@@ -605,6 +580,8 @@ def _open(path: str | os.PathLike) -> tuple[GGUFInfo, np.ndarray]:
                 f"tensor {name!r}: its first GGUF dimension ({first}) is not a multiple of "
                 f"the {_ggml_type_name(ggml_type)} block size ({block})"
             )
+        if any(d >= 2**63 for d in dims) or math.prod(d for d in dims if d) >= 2**63:
+            raise cur.fail(f"tensor {name!r} has dimensions {dims} whose product overflows 64 bits")
         count = math.prod(dims)
         nbytes = count // block * type_size
         if nbytes > size:

@@ -15,7 +15,6 @@ peak stays near the largest tensor plus the packed output and the chunk buffers
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import struct
@@ -41,6 +40,7 @@ from .gguf import (
     is_decoded,
     jquant_entries,
     storage_format,
+    strict_json,
     write_gguf,
 )
 from .gguf_file import read_header
@@ -112,22 +112,38 @@ def safetensors_sources(path: str | os.PathLike) -> tuple[list[Source], dict[str
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = strict_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
         raise FileFormatError(f"{spath}: not a safetensors file: bad JSON header ({e})") from None
     if not isinstance(header, dict):
         raise FileFormatError(f"{spath}: not a safetensors file: the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FileFormatError(
+            f"{spath}: not a safetensors file: __metadata__ must map strings to strings"
+        )
     base = 8 + n
     sources = []
+    spans = []
     for name, spec in header.items():
         try:
-            st_dtype, shape, (start, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-            start, end = int(start), int(end)
-        except (KeyError, TypeError, ValueError):
+            st_dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+            if not (
+                isinstance(st_dtype, str)
+                and isinstance(shape, list)
+                and len(shape) <= 64
+                and all(_is_uint(s) for s in shape)
+                and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(_is_uint(o) for o in offsets)
+            ):
+                raise TypeError
+            shape = tuple(shape)
+            start, end = offsets
+        except (KeyError, TypeError):
             raise FileFormatError(
-                f"{spath}: tensor {name!r} has a malformed header entry"
+                f"{spath}: tensor {name!r} has a malformed header entry (dtype, shape and "
+                f"data_offsets must be a string, a list of integers and two integers)"
             ) from None
         if st_dtype not in _ST_DTYPES:
             raise FileFormatError(
@@ -140,13 +156,24 @@ def safetensors_sources(path: str | os.PathLike) -> tuple[list[Source], dict[str
                 f"{spath}: tensor {name!r}: {end - start} bytes don't hold a {st_dtype} tensor "
                 f"of shape {shape}"
             )
-        if start < 0 or base + end > size:
+        if base + end > size:
             raise FileFormatError(
                 f"{spath}: tensor {name!r} runs past the end of the file (truncated download?)"
             )
+        if end > start:
+            spans.append((start, end, name))
         sources.append(_mapped_source(spath, name, shape, dtype, base + start))
+    spans.sort()
+    for (_, end0, a), (start1, _, b) in zip(spans, spans[1:], strict=False):
+        if start1 < end0:
+            raise FileFormatError(f"{spath}: tensors {a!r} and {b!r} overlap in the file")
     sources.sort(key=lambda s: s.name)
     return sources, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _is_uint(v: Any) -> bool:
+    # bools and floats (64.9 read as 64) are not sizes; 2**63 and up don't fit an offset
+    return type(v) is int and 0 <= v < 2**63
 
 
 def _mapped_source(path: str, name: str, shape, dtype: np.dtype, offset: int) -> Source:
@@ -273,8 +300,12 @@ def convert_sources(
     keep_1d: bool = True,
     metadata: Mapping[str, Any] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> ModelReport:
-    """Quantize tensors one at a time into a GGUF file (see :func:`convert_safetensors`)."""
+    """Quantize tensors one at a time into a GGUF file (see :func:`convert_safetensors`).
+
+    ``inputs`` are the files the sources come from: ``dst`` may not be one of them.
+    """
     rules = parse_rules(qtype_or_rules)
     entries: list[Entry] = []
     rows: list[LeafReport] = []
@@ -321,7 +352,7 @@ def convert_sources(
             stacklevel=3,
         )
     tree = {"d": [[e.path, {"i": i}] for i, e in enumerate(entries)]}
-    write_gguf(dst, entries, tree=tree, metadata=metadata, progress=progress)
+    write_gguf(dst, entries, tree=tree, metadata=metadata, progress=progress, inputs=inputs)
     unmatched = tuple(r.pattern for i, r in enumerate(rules) if i not in used)
     return ModelReport(tuple(rows), unmatched)
 
@@ -382,7 +413,8 @@ def convert_safetensors(
 
     Raises:
         FileFormatError: a corrupt or truncated checkpoint.
-        FileWriteError: ``dst`` can't be written; no partial file is left.
+        FileWriteError: ``dst`` can't be written (or is ``src`` itself); no partial file
+          is left.
 
     Example:
         >>> import os, tempfile, numpy as np, jquant
@@ -408,4 +440,5 @@ def convert_safetensors(
         keep_1d=keep_1d,
         metadata=meta,
         progress=progress,
+        inputs=[src],
     )

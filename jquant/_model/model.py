@@ -37,7 +37,7 @@ from .._core.blocks import (
     num_blocks,
     pad_rows,
 )
-from .._core.quantize import quantize_tensor
+from .._core.quantize import check_float32_range, quantize_tensor
 from .._core.tensor import QuantizedTensor
 from .._errors import NonFiniteError, QuantError
 from .._formats.quant_type import QuantType, QuantTypeLike
@@ -49,7 +49,8 @@ from .sharding import dequantize_leaf, is_multi_device, quantize_sharded
 __all__ = ["dequantize_model", "quantize_model"]
 
 CHUNK_BLOCKS = 1 << 15
-"""Blocks of 32 values per chunk: 1M values, 4 MiB of float32, small enough to stay in cache."""
+"""Blocks per chunk: 1M values, 4 MiB of float32, small enough to stay in cache."""
+MAX_CHUNK_BLOCKS = 1 << 24  # 2 GiB of float32 per chunk
 _MIN_BUCKET = 1 << 10
 _UNIT = 32
 """Values per chunk unit of a float format (whose blocks are single values); a format
@@ -130,9 +131,15 @@ def quantize_model(
         (64, 128)
     """
     rules = parse_rules(qtype_or_rules)
-    if chunk_blocks < _MIN_BUCKET or chunk_blocks & (chunk_blocks - 1):
+    if (
+        not isinstance(chunk_blocks, int)
+        or chunk_blocks < _MIN_BUCKET
+        or chunk_blocks > MAX_CHUNK_BLOCKS
+        or chunk_blocks & (chunk_blocks - 1)
+    ):
         raise QuantError(
-            f"chunk_blocks must be a power of two >= {_MIN_BUCKET}, got {chunk_blocks}"
+            f"chunk_blocks must be a power of two from {_MIN_BUCKET} to {MAX_CHUNK_BLOCKS}, "
+            f"got {chunk_blocks}"
         )
     paths, leaves, rebuild = _flatten(params)
     decisions: list[Decision] = []
@@ -160,6 +167,8 @@ def quantize_model(
         if dec.qtype is None:
             continue
         x = leaves[i]
+        if check:
+            check_float32_range(x, dec.qtype, paths[i])
         if is_multi_device(x):
             out[i], st = quantize_sharded(x, dec.qtype, paths[i], check=check, stats=report)
             if st is not None:

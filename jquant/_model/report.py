@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._core.tensor import human_bytes
+from .._core.terminal import plain_text
 
 __all__ = ["LeafReport", "ModelReport"]
 
@@ -155,7 +156,7 @@ class ModelReport:
         without statistics, such as a file conversion's).
         """
         err_cols = [("RMSE", "right"), ("max err", "right"), ("SQNR dB", "right")] if errors else []
-        t = Table(title=title, show_footer=False)
+        t = Table(title=None if title is None else plain_text(title), show_footer=False)
         for col, just in [
             ("path", "left"),
             ("shape", "left"),
@@ -174,14 +175,14 @@ class ModelReport:
                 else []
             )
             t.add_row(
-                r.path,
+                plain_text(r.path),  # names come from files: never markup
                 "x".join(map(str, r.shape)) or "()",
-                r.format or f"({r.dtype})",
+                plain_text(r.format or f"({r.dtype})"),
                 human_bytes(r.bytes_before),
                 human_bytes(r.bytes_after),
                 f"{r.bits_per_weight:.2f}" if r.bytes_after else "",
                 *err,
-                r.reason or "",
+                plain_text(r.reason or ""),
             )
         t.add_section()
         total_err = ["", "", format_number(self.sqnr_db if self.num_quantized else None, ".1f")]
@@ -206,7 +207,9 @@ class ModelReport:
         console.print(self.table())
         if self.unmatched_rules:
             console.print(
-                f"rules that matched no leaf: {', '.join(map(repr, self.unmatched_rules))}"
+                plain_text(
+                    f"rules that matched no leaf: {', '.join(map(repr, self.unmatched_rules))}"
+                )
             )
         return buf.getvalue().rstrip("\n")
 
