@@ -46,6 +46,7 @@ from .._formats.registry import DEFAULT_FORMAT, SMALL_FORMAT, formats
 from .._io.gguf import gguf_name, inspect_gguf, jquant_entries
 from .._io.safetensors import convert_sources, read_sources
 from .._llama.cli import JQUANT_ARCH_NOTE, quantize_llama
+from .._llama.cli import add_arguments as add_llama_arguments
 from .._model.model import quantize_model
 from .._model.report import format_number
 from .example import example_params
@@ -130,8 +131,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
-    from ._llama.cli import add_arguments as add_llama_arguments
-
     add_llama_arguments(q)
 
     i = command("inspect", "list a file's tensors, formats, shapes, sizes and metadata")
