@@ -3,15 +3,18 @@
     python benchmarks/bench_iq4.py              # 1024 x 4096 N(0, 0.02) float32 (16 MiB)
     python benchmarks/bench_iq4.py --rows 256   # smaller
 
-Medians of several runs; compile time reported apart. GiB/s of float32 input. libggml runs
-single-threaded (ggml_quantize_chunk on all rows in one call), jquant on every core XLA uses.
-The bytes are compared in the same run. Prints a markdown table (no results file).
+Medians of several runs (wall and process CPU time); compile time reported apart. GiB/s of
+float32 input (wall). libggml runs single-threaded (ggml_quantize_chunk on all rows in one
+call), jquant on every core XLA uses. The bytes are compared in the same run. Prints a
+markdown table (no results file).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -21,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
-from _common import machine, md_table, median_time, timed  # noqa: E402
+from _common import machine, md_table, timed  # noqa: E402
 from _ggml_oracle import HAVE_GGML, ggml_quantize  # noqa: E402
 
 from jquant._formats import iq4  # noqa: E402
@@ -41,6 +44,21 @@ def to_bytes(fields: dict, spec) -> np.ndarray:
         parts.append(a.view(np.uint8).reshape(*a.shape[: a.ndim - len(shape)], -1))
     out = np.concatenate(parts, axis=-1)
     return out.reshape(out.shape[0], -1)
+
+
+def wall_and_cpu(fn, repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median process CPU seconds (all threads) of ``fn()``.
+
+    On a shared machine the wall time of a multi-threaded kernel is mostly a measure of
+    the load; CPU seconds say how much work each side does.
+    """
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:
@@ -68,9 +86,9 @@ def main() -> None:
                 return jax.block_until_ready(f(xj, qwj))
 
             t_compile, fields = timed(ours)
-            t_ours = median_time(ours, repeats=args.repeats)
-            t_ggml = median_time(
-                lambda qw=qw, t=type_id: ggml_quantize(x, t, qw), repeats=args.ggml_repeats
+            t_ours, c_ours = wall_and_cpu(ours, args.repeats)
+            t_ggml, c_ggml = wall_and_cpu(
+                lambda qw=qw, t=type_id: ggml_quantize(x, t, qw), args.ggml_repeats
             )
             same = np.array_equal(to_bytes(fields, spec), ggml_quantize(x, type_id, qw))
             rows.append(
@@ -80,6 +98,8 @@ def main() -> None:
                     f"{gib / t_ours:.3f}",
                     f"{gib / t_ggml:.4f}",
                     f"{t_ggml / t_ours:.1f}x",
+                    f"{c_ours:.3f} / {c_ggml:.3f}",
+                    f"{c_ggml / c_ours:.1f}x",
                     f"{t_compile:.1f}",
                     "yes" if same else "**NO**",
                 ]
@@ -94,6 +114,8 @@ def main() -> None:
                 "jquant GiB/s",
                 "ggml GiB/s",
                 "ratio",
+                "CPU s jquant / ggml",
+                "CPU ratio",
                 "compile s",
                 "bytes equal",
             ],
