@@ -58,7 +58,12 @@ def exact_div(a: jax.Array, b: float | jax.Array) -> jax.Array:
     b = jnp.asarray(b, a.dtype)
     shape = jnp.broadcast_shapes(a.shape, b.shape)
     a = jnp.broadcast_to(a, shape)
-    return a / opaque(jnp.broadcast_to(b, shape), dep=a)
+    b = jnp.broadcast_to(b, shape)
+    # depend on both operands: a constant numerator (``c / x``) alone would let the
+    # compiler fold the guard away and rewrite the division as ``c * (1 / x)``
+    uint = jnp.dtype(f"uint{8 * jnp.dtype(b.dtype).itemsize}")
+    nan = ((a != a) | (b != b)).astype(uint)
+    return a / lax.bitcast_convert_type(lax.bitcast_convert_type(b, uint) ^ nan, b.dtype)
 
 
 def safe_recip(d: jax.Array) -> jax.Array:
