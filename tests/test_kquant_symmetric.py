@@ -262,3 +262,16 @@ def test_naive_port_fails_where_guarded_passes(guard: str, monkeypatch) -> None:
     naive = jax.jit(lambda x, qw: fn(x) if qw is None else fn(x, qw), static_argnums=())
     got = to_bytes(naive(x, qw), FORMATS[name][1])
     assert not np.array_equal(got, want), f"{guard} made no difference on this data"
+
+
+@needs_ggml
+def test_q6_k_super_scale_rounds_like_c() -> None:
+    """``d = fp16(1 / (-128 / max_scale))`` two roundings as in C, not ``max_scale / -128``.
+
+    In this N(0, 0.02) block ``1 / iscale`` is 227.49998 fp16 subnormal steps: the C's
+    value rounds down, the algebraically simplified one up (found by the benchmark).
+    """
+    x = (np.random.default_rng(0).standard_normal((1024, 4096)) * 0.02).astype(np.float32)
+    block = x[974:975, 15 * 256 : 16 * 256]
+    want = oracle.ggml_quantize(block, QT.Q6_K)
+    _assert_rows_equal("Q6_K", _quantize("Q6_K", block, None), want)

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .guards import exact_div, nearest_int, no_fma, sequential_sum
-from .symmetric_search import first_absmax, fusion_barrier, make_q3_quants, make_qx_quants
+from .symmetric_search import (
+    divide_by,
+    first_absmax,
+    fusion_barrier,
+    make_q3_quants,
+    make_qx_quants,
+)
 
 __all__ = [
     "FIELDS_Q3_K",
@@ -148,8 +154,8 @@ def _q6_k_blocks(xb: jax.Array, wb: jax.Array | None) -> dict[str, jax.Array]:
     scales = scales.reshape(-1, _N_GROUPS)
     max_abs, max_scale = first_absmax(scales.T)
     zero = max_abs < np.float32(1e-15)
-    iscale = exact_div(jnp.float32(-128.0), jnp.where(zero, 1.0, max_scale))
-    d = exact_div(jnp.float32(1.0), iscale).astype(jnp.float16)
+    iscale = divide_by(-128.0, jnp.where(zero, 1.0, max_scale))
+    d = divide_by(1.0, iscale).astype(jnp.float16)
     sc = jnp.minimum(127, nearest_int(iscale[:, None] * scales))
     sc = jnp.where(zero[:, None], 0, sc)
     d = jnp.where(zero, jnp.float16(0), d)
@@ -219,10 +225,10 @@ def _q3_k_blocks(xb: jax.Array, qwb: jax.Array | None) -> dict[str, jax.Array]:
         scales = scales.reshape(-1, _N_GROUPS)
         _, max_scale = first_absmax(scales.T)
         live = max_scale != 0
-        iscale = exact_div(jnp.float32(-32.0), jnp.where(live, max_scale, 1.0))
+        iscale = divide_by(-32.0, jnp.where(live, max_scale, 1.0))
         ls = jnp.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32
         ls = jnp.where(live[:, None], ls, 0)
-        d = jnp.where(live, exact_div(jnp.float32(1.0), iscale), 0.0).astype(jnp.float16)
+        d = jnp.where(live, divide_by(1.0, iscale), 0.0).astype(jnp.float16)
     else:
         xx = no_fma(xb * xb)
         sigma2 = exact_div(2 * sequential_sum(xx, axis=-1), float(QK_K))
