@@ -275,3 +275,14 @@ def test_q6_k_super_scale_rounds_like_c() -> None:
     block = x[974:975, 15 * 256 : 16 * 256]
     want = oracle.ggml_quantize(block, QT.Q6_K)
     _assert_rows_equal("Q6_K", _quantize("Q6_K", block, None), want)
+
+
+@needs_ggml
+@pytest.mark.parametrize("name", ["Q6_K", "Q5_0"])
+def test_block_count_not_a_multiple_of_the_chunk(name: str) -> None:
+    """300 super-blocks (2400 legacy blocks): the last chunk is zero-padded and cut off."""
+    assert 300 % ks.CHUNK_BLOCKS and 2400 % (8 * ks.CHUNK_BLOCKS)
+    x = random_rows(5, 300, 256)
+    qw = random_imatrix(6, 256)
+    want = oracle.ggml_quantize(x, FORMATS[name][0], qw)
+    _assert_rows_equal(name, _quantize(name, x, qw), want)
