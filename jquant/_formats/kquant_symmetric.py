@@ -76,9 +76,10 @@ def _check(x: jax.Array, qw: jax.Array | None) -> tuple[jax.Array, jax.Array | N
     return x, qw
 
 
-CHUNK_BLOCKS = 256
-"""Super-blocks quantized together: big enough to vectorise, small enough that the
-candidate scans of the searches stay in cache (``lax.map`` over chunks)."""
+CHUNK_BLOCKS = 1024
+"""Super-blocks quantized together (``lax.map`` over chunks): enough to amortize the
+per-step dispatch of the search loops, few enough to keep their operands in cache and the
+intermediates bounded. 1024 ran faster than 256 or 4096 on a 2-core EPYC."""
 
 
 def chunked(fn, *arrays: jax.Array | None, chunk: int) -> dict[str, jax.Array]:
