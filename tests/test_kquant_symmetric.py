@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jquant._formats import guards, symmetric_search
 from jquant._formats import kquant_symmetric as ks
-from jquant._formats import symmetric_search
 
 from . import _ggml_oracle as oracle
 
@@ -229,23 +229,31 @@ def test_bad_shapes_are_rejected(fn, x, qw, match) -> None:
         fn(x) if qw is None else fn(x, qw)
 
 
+def _fp16_tie_block() -> np.ndarray:
+    x = (np.random.default_rng(0).standard_normal((1024, 4096)) * 0.02).astype(np.float32)
+    return x[974:975, 15 * 256 : 16 * 256]
+
+
 # Each guard, removed, and data on which that breaks the bytes while the guarded kernel
 # matches: C-order sums (jnp.sum is a tree), unfused products (XLA contracts the
 # ``sigma2 + x*x`` under the square root into an FMA), subnormal-faithful comparisons
-# (XLA:CPU flushes the tiny products of Q3_K's descent to zero on blocks of ~1e-5).
+# (XLA:CPU flushes the tiny products of Q3_K's descent to zero on blocks of ~1e-5), and a
+# division by an opaque divisor for constant numerators (``exact_div(1.0, iscale)`` lets
+# XLA rewrite ``1 / (-128 / m)`` as ``m / -128``).
 NAIVE = {
-    "sequential_sum": ("Q4_0", 0, lambda t, axis=-1: jnp.sum(t, axis=axis)),
-    "no_fma": ("Q5_0", 0, lambda p: p),
-    "_plain_then_gradual": ("Q3_K", None, None),
+    "sequential_sum": ("Q4_0", 0, lambda t, axis=-1: jnp.sum(t, axis=axis), None),
+    "no_fma": ("Q5_0", 0, lambda p: p, None),
+    "_plain_then_gradual": ("Q3_K", None, None, None),
+    "divide_by": ("Q6_K", None, lambda a, b: guards.exact_div(jnp.float32(a), b), _fp16_tie_block),
 }
 
 
 @needs_ggml
 @pytest.mark.parametrize("guard", sorted(NAIVE))
 def test_naive_port_fails_where_guarded_passes(guard: str, monkeypatch) -> None:
-    name, imatrix_seed, replacement = NAIVE[guard]
-    x = random_rows(1, N_ROWS, N_COLS)
-    qw = None if imatrix_seed is None else random_imatrix(imatrix_seed, N_COLS)
+    name, imatrix_seed, replacement, data = NAIVE[guard]
+    x = random_rows(1, N_ROWS, N_COLS) if data is None else data()
+    qw = None if imatrix_seed is None else random_imatrix(imatrix_seed, x.shape[1])
     want = oracle.ggml_quantize(x, FORMATS[name][0], qw)
     _assert_rows_equal(name, _quantize(name, x, qw), want)
     if guard == "_plain_then_gradual":
@@ -258,7 +266,31 @@ def test_naive_port_fails_where_guarded_passes(guard: str, monkeypatch) -> None:
         for module in (symmetric_search, ks):
             if hasattr(module, guard):
                 monkeypatch.setattr(module, guard, replacement)
-    fn = ks.quantize_q3_k if name == "Q3_K" else FORMATS[name][3].__wrapped__
+    fn = FORMATS[name][3].__wrapped__
     naive = jax.jit(lambda x, qw: fn(x) if qw is None else fn(x, qw), static_argnums=())
     got = to_bytes(naive(x, qw), FORMATS[name][1])
     assert not np.array_equal(got, want), f"{guard} made no difference on this data"
+
+
+@needs_ggml
+def test_q6_k_super_scale_rounds_like_c() -> None:
+    """``d = fp16(1 / (-128 / max_scale))`` two roundings as in C, not ``max_scale / -128``.
+
+    In this N(0, 0.02) block ``1 / iscale`` is 227.49998 fp16 subnormal steps: the C's
+    value rounds down, the algebraically simplified one up (found by the benchmark).
+    """
+    x = (np.random.default_rng(0).standard_normal((1024, 4096)) * 0.02).astype(np.float32)
+    block = x[974:975, 15 * 256 : 16 * 256]
+    want = oracle.ggml_quantize(block, QT.Q6_K)
+    _assert_rows_equal("Q6_K", _quantize("Q6_K", block, None), want)
+
+
+@needs_ggml
+@pytest.mark.parametrize("name", ["Q6_K", "Q5_0"])
+def test_block_count_not_a_multiple_of_the_chunk(name: str) -> None:
+    """One chunk and a bit: the last chunk is zero-padded and cut off again."""
+    rows = ks.CHUNK_BLOCKS + 76  # super-blocks of 256; 8x as many legacy blocks of 32
+    x = random_rows(5, rows, 256)
+    qw = random_imatrix(6, 256)
+    want = oracle.ggml_quantize(x, FORMATS[name][0], qw)
+    _assert_rows_equal(name, _quantize(name, x, qw), want)

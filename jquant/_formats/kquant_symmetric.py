@@ -18,7 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .guards import exact_div, nearest_int, no_fma, sequential_sum
-from .symmetric_search import first_absmax, fusion_barrier, make_q3_quants, make_qx_quants
+from .symmetric_search import (
+    divide_by,
+    first_absmax,
+    fusion_barrier,
+    make_q3_quants,
+    make_qx_quants,
+)
 
 __all__ = [
     "FIELDS_Q3_K",
@@ -70,9 +76,10 @@ def _check(x: jax.Array, qw: jax.Array | None) -> tuple[jax.Array, jax.Array | N
     return x, qw
 
 
-CHUNK_BLOCKS = 256
-"""Super-blocks quantized together: big enough to vectorise, small enough that the
-candidate scans of the searches stay in cache (``lax.map`` over chunks)."""
+CHUNK_BLOCKS = 1024
+"""Super-blocks quantized together (``lax.map`` over chunks): enough to amortize the
+per-step dispatch of the search loops, few enough to keep their operands in cache and the
+intermediates bounded. 1024 ran faster than 256 or 4096 on a 2-core EPYC."""
 
 
 def chunked(fn, *arrays: jax.Array | None, chunk: int) -> dict[str, jax.Array]:
@@ -148,8 +155,8 @@ def _q6_k_blocks(xb: jax.Array, wb: jax.Array | None) -> dict[str, jax.Array]:
     scales = scales.reshape(-1, _N_GROUPS)
     max_abs, max_scale = first_absmax(scales.T)
     zero = max_abs < np.float32(1e-15)
-    iscale = exact_div(jnp.float32(-128.0), jnp.where(zero, 1.0, max_scale))
-    d = exact_div(jnp.float32(1.0), iscale).astype(jnp.float16)
+    iscale = divide_by(-128.0, jnp.where(zero, 1.0, max_scale))
+    d = divide_by(1.0, iscale).astype(jnp.float16)
     sc = jnp.minimum(127, nearest_int(iscale[:, None] * scales))
     sc = jnp.where(zero[:, None], 0, sc)
     d = jnp.where(zero, jnp.float16(0), d)
@@ -219,10 +226,10 @@ def _q3_k_blocks(xb: jax.Array, qwb: jax.Array | None) -> dict[str, jax.Array]:
         scales = scales.reshape(-1, _N_GROUPS)
         _, max_scale = first_absmax(scales.T)
         live = max_scale != 0
-        iscale = exact_div(jnp.float32(-32.0), jnp.where(live, max_scale, 1.0))
+        iscale = divide_by(-32.0, jnp.where(live, max_scale, 1.0))
         ls = jnp.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32
         ls = jnp.where(live[:, None], ls, 0)
-        d = jnp.where(live, exact_div(jnp.float32(1.0), iscale), 0.0).astype(jnp.float16)
+        d = jnp.where(live, divide_by(1.0, iscale), 0.0).astype(jnp.float16)
     else:
         xx = no_fma(xb * xb)
         sigma2 = exact_div(2 * sequential_sum(xx, axis=-1), float(QK_K))

@@ -6,7 +6,9 @@ over all ``G`` groups, and a C loop over the ``n`` elements is ``n`` unrolled ad
 source order (:func:`~jquant._formats.guards.sequential_sum`). Every product that is
 added to something passes through :func:`~jquant._formats.guards.no_fma` (ggml's
 reference build rounds it before the add), and every division stays a division
-(:func:`~jquant._formats.guards.exact_div`).
+(:func:`~jquant._formats.guards.exact_div`). The strict comparisons that pick a scale are
+redone with C's subnormal arithmetic when XLA:CPU's flush-to-zero could have changed them
+(blocks of magnitude ~1e-5 and below), see :func:`_greater_products`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .guards import exact_div, nearest_int, no_fma, opaque, sequential_sum
 
 __all__ = [
     "GROUP_MAX_EPS",
+    "divide_by",
     "first_absmax",
     "fusion_barrier",
     "make_q3_quants",
@@ -28,6 +31,17 @@ __all__ = [
 
 GROUP_MAX_EPS = np.float32(1e-15)
 """ggml's all-zero threshold: a group whose largest magnitude is below it is all zero."""
+
+
+def divide_by(a: float | jax.Array, b: jax.Array) -> jax.Array:
+    """``a / b`` as one IEEE division, also for a constant ``a``.
+
+    :func:`~jquant._formats.guards.exact_div` hides ``b`` behind a test on ``a``, which
+    XLA folds away when ``a`` is a constant; ``1 / (-128 / m)`` then becomes ``m / -128``
+    (a different float, and a different fp16 scale on about one Q6_K block in 16k).
+    Here ``b`` is made opaque on its own value.
+    """
+    return jnp.asarray(a, jnp.float32) / opaque(b)
 
 
 def fusion_barrier(tree, dep: jax.Array):
@@ -189,7 +203,7 @@ def make_qx_quants(x: jax.Array, w: jax.Array, nmax: int) -> tuple[jax.Array, ja
 
 def _qx_search(x, w, mx, nmax: int, gradual: bool):
     wx = w * x
-    iscale = exact_div(jnp.float32(-nmax), mx)
+    iscale = divide_by(-nmax, mx)
     sumlx, suml2 = fusion_barrier(_sums(x, w, wx, iscale, nmax), x)
     scale = jnp.where(suml2 != 0, exact_div(sumlx, jnp.where(suml2 != 0, suml2, 1.0)), 0.0)
     # -(nmax + 0.1f*is) for is = -9..9, is != 0, rounded as the C does.
@@ -238,7 +252,7 @@ def make_q3_quants(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
 
 def _q3_search(x, mx, nmax: int, gradual: bool):
     n = x.shape[0]
-    iscale = exact_div(jnp.float32(-nmax), mx)
+    iscale = divide_by(-nmax, mx)
     w = x * x
     wx = w * x
     levels = _levels(iscale, x, nmax).astype(jnp.float32)
