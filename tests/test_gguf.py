@@ -116,7 +116,8 @@ def test_gguf_reader_reads_jquant_files(path):
 
 
 def test_foreign_gguf_files_load(path):
-    """Files written by gguf-py directly: legacy formats stay quantized, k-quants decode."""
+    """Files written by gguf-py directly: jquant's formats (K-quants included) stay
+    quantized, formats jquant doesn't have decode to float32 with a warning."""
     x = _rand((16, 256))
     w = gguf.GGUFWriter(path, "llama")
     w.add_uint32("llama.block_count", 1)
@@ -128,22 +129,30 @@ def test_foreign_gguf_files_load(path):
     q6 = rng.integers(0, 256, (16, 210), dtype=np.uint8)  # one Q6_K block per row
     q6[:, -2:] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # a sane scale
     w.add_tensor("blk.0.ffn_down.weight", q6, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    iq2 = rng.integers(0, 256, (16, 66), dtype=np.uint8)  # one IQ2_XXS block per row
+    iq2[:, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    w.add_tensor("blk.0.ffn_up.weight", iq2, raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
-    with pytest.warns(UserWarning, match=r"blk\.0\.ffn_down\.weight \(Q6_K\)"):
+    with pytest.warns(UserWarning, match=r"blk\.0\.ffn_up\.weight \(IQ2_XXS\)"):
         back = jquant.load_gguf(path)
     q = back["blk.0.attn_q.weight"]
     assert isinstance(q, jquant.QuantizedTensor) and q.qtype is jquant.QuantType.Q4_0
     assert q.shape == (16, 256) and np.array_equal(q.to_bytes(), q4)
     assert back["token_embd.weight"].qtype is jquant.QuantType.F16
     np.testing.assert_array_equal(np.asarray(back["ids"]), np.arange(5))
-    k = back["blk.0.ffn_down.weight"]
-    assert k.shape == (16, 256) and k.dtype == jnp.float32
+    k = back["blk.0.ffn_down.weight"]  # a K-quant stays packed, bytes untouched
+    assert isinstance(k, jquant.QuantizedTensor) and k.qtype is jquant.QuantType.Q6_K
+    assert k.shape == (16, 256) and np.array_equal(k.to_bytes(), q6)
     expected = gguf.quants.dequantize(q6, gguf.GGMLQuantizationType.Q6_K)
-    np.testing.assert_array_equal(np.asarray(k), expected)
+    np.testing.assert_array_equal(np.asarray(jquant.dequantize_tensor(k)), expected)
+    f = back["blk.0.ffn_up.weight"]
+    assert f.shape == (16, 256) and f.dtype == jnp.float32
+    expected = gguf.quants.dequantize(iq2, gguf.GGMLQuantizationType.IQ2_XXS)
+    np.testing.assert_array_equal(np.asarray(f), expected)
     info = jquant.inspect_gguf(path)
     assert not info.is_jquant and info.metadata["llama.block_count"] == 1
     assert info.metadata["general.architecture"] == "llama"

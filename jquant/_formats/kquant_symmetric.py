@@ -64,7 +64,7 @@ def _check(x: jax.Array, qw: jax.Array | None) -> tuple[jax.Array, jax.Array | N
     if x.ndim < 1 or x.shape[-1] % QK_K:
         raise ValueError(
             f"K-quants need rows whose length is a multiple of {QK_K}; got shape {x.shape}. "
-            "Pad the rows or pick a 32-value format (Q8_0, Q5_0, Q4_0)."
+            "Pad the rows or pick a format with 32-value blocks."
         )
     if qw is not None:
         qw = jnp.asarray(qw, jnp.float32)
