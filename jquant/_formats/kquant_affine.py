@@ -86,7 +86,7 @@ def _groups(xb: jax.Array, size: int) -> jax.Array:
 
 def _ungroup(lt: jax.Array, n_blocks: int) -> jax.Array:
     """Inverse of :func:`_groups` for the quants: ``[B, 256]``."""
-    return lt.T.reshape(n_blocks, QK_K)
+    return materialize(lt.astype(jnp.uint8))[0].T.reshape(n_blocks, QK_K)
 
 
 def _shifts(values: list[int], dtype, ndim: int, trailing: int = 1) -> jax.Array:

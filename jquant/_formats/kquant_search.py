@@ -206,6 +206,7 @@ def make_qkx_quants(
 
 
 def _qkx(x, w, *, nmax, rmin, rdelta, nstep, use_mad, signed_zero_min):
+    x, w = materialize(x, w)
     mx = chain_max(x)
     mn = chain_min(x)
     if signed_zero_min:
@@ -283,7 +284,8 @@ def make_qp_quants(x: jax.Array, w: jax.Array, *, nmax: int) -> tuple[jax.Array,
     Returns:
         ``(scale [B], L [n, B] int32)``; ``L`` holds what the C's ``uint8_t L[]`` holds.
     """
-    mx = jnp.max(x, axis=0)
+    x, w = materialize(x, w)  # read many times below: computed once, contiguous
+    mx = chain_max(x)
     mx = jnp.where(mx > 0, mx, _F32(0))
     zero = mx < GROUP_MAX_EPS
     (mx_safe,) = materialize(jnp.where(zero, _F32(1), mx))
