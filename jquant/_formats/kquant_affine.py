@@ -164,7 +164,7 @@ def _q45_k(x, qw, nmax, rmin, nstep):
     (xt,) = materialize(_groups(xb, 32))
     if qw is None:
         (av_x,) = materialize(jnp.sqrt(sum_from_zero(no_fma(xt * xt)) / 32))
-        w = av_x[None] + jnp.abs(xt)
+        (w,) = materialize(av_x[None] + jnp.abs(xt))
         scale, the_min, levels = make_qkx_quants(
             xt, w, nmax=nmax, rmin=rmin, rdelta=0.1, nstep=nstep, use_mad=False
         )

@@ -167,7 +167,7 @@ def _candidate_numerators(nmax: int, rmin: float, rdelta: float, nstep: int) -> 
     )
 
 
-CHUNK = 16384
+CHUNK = 4096
 """Groups per step of :func:`make_qkx_quants`'s outer loop (bounds the intermediates)."""
 
 
