@@ -198,7 +198,7 @@ def make_qkx_quants(
         use_mad: error is ``sum w*|diff|`` (True) or ``sum w*diff**2``.
         signed_zero_min: give a zero ``min`` the sign of the group's first zero (only
             visible where ``-min`` is stored, as in Q4_1/Q5_1).
-        chunk: at most this many groups at a time (a ``lax.map`` over chunks).
+        chunk: at most this many groups at a time (a loop over slices of ``G``).
 
     Returns:
         ``(scale [G], the_min [G], L [n, G] int32)`` with ``the_min = -min >= 0``.
