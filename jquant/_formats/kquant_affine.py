@@ -6,6 +6,11 @@ evaluation order (see :mod:`.kquant_search` for the searches and :mod:`.guards` 
 float rules). Kernels take float32 rows ``[..., n]`` (``n`` a multiple of 256, or of 32
 for the legacy formats) and return the stored fields ``[..., n // block, *shape]`` in the
 order of ``FIELDS_*`` (ggml's byte order, little-endian).
+
+Known difference: XLA:CPU flushes subnormal floats to zero, ggml's C keeps them. Only
+weighted sums below 2**-126 are affected, i.e. importance weights ~1e-13 on values
+~1e-7 (ggml-vectors.npz's "tiny" case with its own x**2 as imatrix: 4 of 64 Q5_K and 10 of
+64 Q2_K blocks differ); realistic imatrix values are many orders of magnitude larger.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def _groups(xb: jax.Array, size: int) -> jax.Array:
 
 def _ungroup(lt: jax.Array, n_blocks: int) -> jax.Array:
     """Inverse of :func:`_groups` for the quants: ``[B, 256]``."""
-    return lt.T.reshape(n_blocks, QK_K)
+    return materialize(lt.astype(jnp.uint8))[0].T.reshape(n_blocks, QK_K)
 
 
 def _shifts(values: list[int], dtype, ndim: int, trailing: int = 1) -> jax.Array:
@@ -159,7 +164,7 @@ def _q45_k(x, qw, nmax, rmin, nstep):
     (xt,) = materialize(_groups(xb, 32))
     if qw is None:
         (av_x,) = materialize(jnp.sqrt(sum_from_zero(no_fma(xt * xt)) / 32))
-        w = av_x[None] + jnp.abs(xt)
+        (w,) = materialize(av_x[None] + jnp.abs(xt))
         scale, the_min, levels = make_qkx_quants(
             xt, w, nmax=nmax, rmin=rmin, rdelta=0.1, nstep=nstep, use_mad=False
         )

@@ -8,8 +8,12 @@ over contiguous rows of ``G`` lanes.
 
 Exactness rules followed throughout (see :mod:`.guards`): every product that feeds an add
 or subtract is passed through :func:`no_fma`; every sum is added in C's loop order; the
-divisions the C writes stay divisions (:func:`exact_div`); comparisons are the C's strict
+divisions the C writes stay divisions (:func:`div`); comparisons are the C's strict
 ones, applied candidate after candidate.
+
+Speed: XLA duplicates cheap producers into their consumers, so a per-group value
+broadcast over its group is recomputed per element (and stages multiply); every
+per-group value that feeds an ``[n, G]`` computation goes through :func:`materialize`.
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ from jax import lax
 from .guards import nearest_int, no_fma, opaque, sequential_sum
 
 __all__ = [
+    "CHUNK",
     "GROUP_MAX_EPS",
-    "long_sum_from_zero",
     "chain_max",
     "chain_min",
     "div",
-    "materialize",
     "first_zero_signed_min",
+    "long_sum_from_zero",
     "make_qkx_quants",
     "make_qp_quants",
+    "materialize",
     "sum_from_zero",
 ]
 
@@ -62,15 +67,26 @@ def materialize(*values: jax.Array) -> tuple[jax.Array, ...]:
     per-group value (a 32-term sum, a min) broadcast over the group's 32 elements is
     recomputed 32 times, and chains of such stages multiply. Optimization barriers are
     expanded away before fusion on CPU; a while loop's operands are always buffers, so the
-    values go through an identity loop whose trip count (1) the compiler can't see.
+    values go through a loop whose trip count (1) the compiler can't see, and whose body
+    xors them with a loop-variant zero (an identity body would be simplified away).
     """
-    one = opaque(jnp.int32(1), dep=values[0].reshape(-1)[0])
+    probe = values[0].reshape(-1)[0].astype(_F32)
+    one = opaque(jnp.int32(1), dep=probe)
 
     def body(c):
-        # opaque: a body that passes values through unchanged is simplified away.
-        return (c[0] + 1, *(opaque(v) for v in c[1:]))
+        i = c[0]
+        flip = i > 2**30  # always false, unknown to the compiler
+        return (i + 1, *(_xor_flag(v, flip) for v in c[1:]))
 
     return lax.while_loop(lambda c: c[0] < one, body, (jnp.int32(0), *values))[1:]
+
+
+def _xor_flag(v: jax.Array, flag: jax.Array) -> jax.Array:
+    if v.dtype == jnp.bool_:
+        return v ^ flag
+    uint = jnp.dtype(f"uint{8 * v.dtype.itemsize}")
+    bits = lax.bitcast_convert_type(v, uint) ^ flag.astype(uint)
+    return lax.bitcast_convert_type(bits, v.dtype)
 
 
 def _sum0(terms: list[jax.Array]) -> jax.Array:
@@ -151,7 +167,7 @@ def _candidate_numerators(nmax: int, rmin: float, rdelta: float, nstep: int) -> 
     )
 
 
-CHUNK = 16384
+CHUNK = 4096
 """Groups per step of :func:`make_qkx_quants`'s outer loop (bounds the intermediates)."""
 
 
@@ -182,7 +198,7 @@ def make_qkx_quants(
         use_mad: error is ``sum w*|diff|`` (True) or ``sum w*diff**2``.
         signed_zero_min: give a zero ``min`` the sign of the group's first zero (only
             visible where ``-min`` is stored, as in Q4_1/Q5_1).
-        chunk: at most this many groups at a time (a ``lax.map`` over chunks).
+        chunk: at most this many groups at a time (a loop over slices of ``G``).
 
     Returns:
         ``(scale [G], the_min [G], L [n, G] int32)`` with ``the_min = -min >= 0``.
@@ -195,17 +211,29 @@ def make_qkx_quants(
     n_chunks = -(-g // chunk)
     size = -(-g // n_chunks)
     pad = n_chunks * size - g  # zero groups are flat: harmless, sliced off below
+    if pad:
+        x, w = (jnp.pad(a, ((0, 0), (0, pad))) for a in (x, w))
 
-    def split(a):
-        a = jnp.pad(a, ((0, 0), (0, pad)))
-        return a.reshape(n, n_chunks, size).transpose(1, 0, 2)
+    def body(k, out):
+        start = k * size
+        part = _qkx(
+            lax.dynamic_slice_in_dim(x, start, size, axis=1),
+            lax.dynamic_slice_in_dim(w, start, size, axis=1),
+            **kw,
+        )
+        return tuple(
+            lax.dynamic_update_slice_in_dim(o, p, start, axis=p.ndim - 1)
+            for o, p in zip(out, part, strict=True)
+        )
 
-    scale, the_min, levels = lax.map(lambda xw: _qkx(*xw, **kw), (split(x), split(w)))
-    levels = levels.transpose(1, 0, 2).reshape(n, -1)[:, :g]
-    return scale.reshape(-1)[:g], the_min.reshape(-1)[:g], levels
+    g_pad = n_chunks * size
+    out = (jnp.zeros(g_pad, _F32), jnp.zeros(g_pad, _F32), jnp.zeros((n, g_pad), jnp.int32))
+    scale, the_min, levels = lax.fori_loop(0, n_chunks, body, out)
+    return scale[:g], the_min[:g], levels[:, :g]
 
 
 def _qkx(x, w, *, nmax, rmin, rdelta, nstep, use_mad, signed_zero_min):
+    x, w = materialize(x, w)
     mx = chain_max(x)
     mn = chain_min(x)
     if signed_zero_min:
@@ -283,7 +311,8 @@ def make_qp_quants(x: jax.Array, w: jax.Array, *, nmax: int) -> tuple[jax.Array,
     Returns:
         ``(scale [B], L [n, B] int32)``; ``L`` holds what the C's ``uint8_t L[]`` holds.
     """
-    mx = jnp.max(x, axis=0)
+    x, w = materialize(x, w)  # read many times below: computed once, contiguous
+    mx = chain_max(x)
     mx = jnp.where(mx > 0, mx, _F32(0))
     zero = mx < GROUP_MAX_EPS
     (mx_safe,) = materialize(jnp.where(zero, _F32(1), mx))
