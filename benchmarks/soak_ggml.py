@@ -8,11 +8,8 @@ scales 1e-5..1e3, outlier columns, .5 ties, zero and constant blocks, negative e
 a fresh random importance matrix (non-negative, with zeros) per chunk for the weighted mode,
 and counts the blocks whose bytes differ from libggml's. Prints a markdown table.
 
-Adding a format is one ``Kernel`` line. A kernel module following the kernel interface
-(``quantize_x(x, qw) -> fields`` and ``FIELDS_X``) goes through :func:`fields_kernel`:
-
-    from jquant._formats import kquants
-    Kernel("Q4_K", 12, 256, fields_kernel(kquants.quantize_q4_k, kquants.FIELDS_Q4_K))
+Every block format of the format table is soaked through the public ``quantize_tensor``
+(``imatrix=`` for the weighted mode), so a new format's record is all it takes.
 """
 
 from __future__ import annotations
@@ -35,39 +32,19 @@ from _common import machine, md_table  # noqa: E402
 from _ggml_oracle import HAVE_GGML, ggml_quantize  # noqa: E402
 
 import jquant  # noqa: E402
-from jquant._formats import iq4  # noqa: E402
+from jquant._formats.registry import formats  # noqa: E402
 
 Quantize = Callable[[jax.Array, jax.Array | None], np.ndarray]
 """``(x [rows, n] float32, qw [n] | None) -> uint8 [rows, row_bytes]`` in ggml's layout."""
 
 
-def fields_to_bytes(fields: dict[str, jax.Array], spec) -> np.ndarray:
-    """Kernel fields ``[rows, n_blocks, *shape]`` → ggml's bytes ``[rows, n_blocks * size]``.
-
-    ``spec`` is a ``FIELDS_X`` tuple: (name, little-endian dtype, per-block shape) in ggml's
-    byte order.
-    """
-    parts = []
-    for name, dt, shape in spec:
-        a = np.ascontiguousarray(np.asarray(fields[name]).astype(dt))
-        parts.append(a.view(np.uint8).reshape(*a.shape[: a.ndim - len(shape)], -1))
-    out = np.concatenate(parts, axis=-1)
-    return out.reshape(out.shape[0], -1)
-
-
-def fields_kernel(quantize_fn: Callable[..., dict[str, jax.Array]], spec) -> Quantize:
-    """A :data:`Quantize` from a kernel-interface ``quantize_x`` and its ``FIELDS_X``."""
-    f = jax.jit(quantize_fn)
-    return lambda x, qw: fields_to_bytes(f(x, qw), spec)
-
-
 def tensor_kernel(fmt: str) -> Quantize:
-    """A :data:`Quantize` through the public ``jquant.quantize_tensor`` (no importance weights)."""
-    f = jax.jit(lambda x: jquant.quantize_tensor(x, fmt, check=False))
+    """A :data:`Quantize` through the public ``jquant.quantize_tensor`` (``imatrix=`` when given)."""
+    plain = jax.jit(lambda x: jquant.quantize_tensor(x, fmt, check=False))
+    weighted = jax.jit(lambda x, qw: jquant.quantize_tensor(x, fmt, check=False, imatrix=qw))
 
     def run(x, qw):
-        assert qw is None, f"{fmt} has no importance-weighted path in jquant"
-        return f(x).to_bytes()
+        return (plain(x) if qw is None else weighted(x, qw)).to_bytes()
 
     return run
 
@@ -81,15 +58,12 @@ class Kernel:
     imatrix: bool = True  # whether the kernel takes importance weights
 
 
-KERNELS = [
-    Kernel("IQ4_NL", 20, 32, fields_kernel(iq4.quantize_iq4_nl, iq4.FIELDS_IQ4_NL)),
-    Kernel("IQ4_XS", 23, 256, fields_kernel(iq4.quantize_iq4_xs, iq4.FIELDS_IQ4_XS)),
-    Kernel("Q4_0", 2, 32, tensor_kernel("q4_0"), imatrix=False),
-    Kernel("Q4_1", 3, 32, tensor_kernel("q4_1"), imatrix=False),
-    Kernel("Q5_0", 6, 32, tensor_kernel("q5_0"), imatrix=False),
-    Kernel("Q5_1", 7, 32, tensor_kernel("q5_1"), imatrix=False),
-    Kernel("Q8_0", 8, 32, tensor_kernel("q8_0"), imatrix=False),
-]
+KERNELS = [  # every block format of the format table, through the public API
+    Kernel(spec.name, spec.ggml_type, spec.block_size, tensor_kernel(spec.name),
+           imatrix=spec.supports_imatrix)
+    for spec in formats()
+    if spec.is_block_quantized
+]  # fmt: skip
 
 
 def random_rows(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jquant._formats import guards, symmetric_search
 from jquant._formats import kquant_symmetric as ks
+from jquant._formats import symmetric_search
 
 from . import _ggml_oracle as oracle
 
@@ -238,13 +238,13 @@ def _fp16_tie_block() -> np.ndarray:
 # matches: C-order sums (jnp.sum is a tree), unfused products (XLA contracts the
 # ``sigma2 + x*x`` under the square root into an FMA), subnormal-faithful comparisons
 # (XLA:CPU flushes the tiny products of Q3_K's descent to zero on blocks of ~1e-5), and a
-# division by an opaque divisor for constant numerators (``exact_div(1.0, iscale)`` lets
-# XLA rewrite ``1 / (-128 / m)`` as ``m / -128``).
+# guarded division (a plain ``1.0 / iscale`` lets XLA rewrite ``1 / (-128 / m)`` as
+# ``m / -128``).
 NAIVE = {
     "sequential_sum": ("Q4_0", 0, lambda t, axis=-1: jnp.sum(t, axis=axis), None),
     "no_fma": ("Q5_0", 0, lambda p: p, None),
     "_plain_then_gradual": ("Q3_K", None, None, None),
-    "divide_by": ("Q6_K", None, lambda a, b: guards.exact_div(jnp.float32(a), b), _fp16_tie_block),
+    "exact_div": ("Q6_K", None, lambda a, b: jnp.float32(a) / b, _fp16_tie_block),
 }
 
 

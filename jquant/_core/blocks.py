@@ -88,11 +88,15 @@ def bad_blocks(
     block once a scale says something is wrong). A float format's "scale" is the stored
     value itself, which keeps NaN/Inf inputs: there only a finite value stored as Inf
     counts (with ``read_input=False`` every non-finite stored value is flagged: suspects,
-    for the caller to confirm). A format without scales (F32) has no bad blocks.
+    for the caller to confirm). A format without scales (F32) has no bad blocks. A
+    format with a ``max_abs`` bound always reads the input (NaN fails ``|x| <= max_abs``).
     """
     lead = blocks.shape[:-1]
     flags = []
-    if spec.scales and spec.is_block_quantized and read_input:
+    if spec.max_abs is not None:  # the scales don't tell: read the input
+        mags = jnp.abs(blocks)
+        flags.append(~(mags <= jnp.asarray(spec.max_abs, mags.dtype)).all(axis=-1))
+    elif spec.scales and spec.is_block_quantized and read_input:
         flags.append(~jnp.isfinite(blocks).all(axis=-1))
     for name in spec.scales:
         f = nonfinite(fields[name])

@@ -52,18 +52,22 @@ def opaque(x: jax.Array, dep: jax.Array | None = None) -> jax.Array:
     return lax.bitcast_convert_type(bits, x.dtype)
 
 
-def exact_div(a: jax.Array, b: float | jax.Array) -> jax.Array:
-    """``a / b`` computed as an IEEE division, never as a multiply by ``1/b``."""
-    a = jnp.asarray(a)
-    b = jnp.asarray(b, a.dtype)
+def exact_div(a: jax.Array | float, b: jax.Array | float) -> jax.Array:
+    """``a / b`` computed as an IEEE division, never as a multiply by ``1/b``.
+
+    Each operand is made opaque on the other at full (broadcast) shape, so the guard
+    holds for a constant numerator too: ``c / x`` can't become ``c * (1/x)``,
+    ``A / broadcast(B)`` can't become ``A * broadcast(1/B)``, and ``1 / (c / x)`` can't
+    be simplified to ``x / c``. Integer operands divide in float32.
+    """
+    dtype = jnp.result_type(a, b)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    a = jnp.asarray(a, dtype)
+    b = jnp.asarray(b, dtype)
     shape = jnp.broadcast_shapes(a.shape, b.shape)
-    a = jnp.broadcast_to(a, shape)
-    b = jnp.broadcast_to(b, shape)
-    # depend on both operands: a constant numerator (``c / x``) alone would let the
-    # compiler fold the guard away and rewrite the division as ``c * (1 / x)``
-    uint = jnp.dtype(f"uint{8 * jnp.dtype(b.dtype).itemsize}")
-    nan = ((a != a) | (b != b)).astype(uint)
-    return a / lax.bitcast_convert_type(lax.bitcast_convert_type(b, uint) ^ nan, b.dtype)
+    a = opaque(jnp.broadcast_to(a, shape), dep=jnp.broadcast_to(b, shape))
+    return a / opaque(jnp.broadcast_to(b, shape), dep=a)
 
 
 def safe_recip(d: jax.Array) -> jax.Array:

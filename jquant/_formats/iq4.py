@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .guards import exact_div, nearest_int, no_fma, opaque, sequential_sum
+from .guards import exact_div, nearest_int, no_fma, sequential_sum
 
 __all__ = [
     "FIELDS_IQ4_NL",
@@ -166,20 +166,6 @@ def _candidate_sums(ids: jax.Array, xg: jax.Array, w: jax.Array) -> tuple[jax.Ar
     return jnp.real(sums), jnp.imag(sums)
 
 
-def _divide(c: np.ndarray | jax.Array, b: jax.Array) -> jax.Array:
-    """``c / b`` as an IEEE division for a constant ``c`` (and any broadcasting).
-
-    :func:`~.guards.exact_div` takes its opacity from the numerator, and a constant one is
-    folded away; XLA then rewrites ``A / broadcast(B)`` as ``A * broadcast(1 / B)`` and the
-    last bit changes. Here each operand depends on the other at full shape.
-    """
-    shape = jnp.broadcast_shapes(np.shape(c), b.shape)
-    num = jnp.broadcast_to(jnp.asarray(c, jnp.float32), shape)
-    den = jnp.broadcast_to(b, shape)
-    num = opaque(num, dep=den)
-    return num / opaque(den, dep=num)
-
-
 def _group_scales(xg: jax.Array, w: jax.Array) -> jax.Array:
     """The float scale of each group: ``xg``, ``w`` are ``[32, n_groups]``; returns ``[n_groups]``.
 
@@ -190,9 +176,9 @@ def _group_scales(xg: jax.Array, w: jax.Array) -> jax.Array:
     mx = jnp.where(skip, jnp.float32(1.0), mx)[None]  # keep skipped groups' arithmetic finite
     # Candidate 0 is 1/(max/127); then (itry - 127)/max for itry = -7..7. All 16 are
     # evaluated in one pass over the data (selecting among them is cheap, in C's order).
-    id0 = _divide(jnp.float32(1.0), exact_div(-mx, _GRID_F32[0]))
+    id0 = exact_div(jnp.float32(1.0), exact_div(-mx, _GRID_F32[0]))
     tries = np.arange(-_NTRY, _NTRY + 1, dtype=np.float32)[:, None] + _GRID_F32[0]
-    idk = _divide(tries, mx)
+    idk = exact_div(tries, mx)
     sumqx, sumq2 = _candidate_sums(jnp.concatenate([id0, idk]), xg, w)
 
     pos = sumq2[0] > 0
@@ -215,7 +201,7 @@ def _sigma2(x2: jax.Array) -> jax.Array:
 def _recip_or_zero(d: jax.Array) -> jax.Array:
     """``d ? 1/d : 0`` with a true division."""
     nz = d != 0
-    return jnp.where(nz, _divide(jnp.float32(1.0), jnp.where(nz, d, 1.0)), jnp.float32(0.0))
+    return jnp.where(nz, exact_div(jnp.float32(1.0), jnp.where(nz, d, 1.0)), jnp.float32(0.0))
 
 
 def _pack_nibbles(idx: jax.Array, axis: int) -> jax.Array:

@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .guards import nearest_int, no_fma
+from .guards import exact_div, nearest_int, no_fma
 from .kquant_search import (
-    div,
     long_sum_from_zero,
     make_qkx_quants,
     make_qp_quants,
@@ -139,7 +138,7 @@ def _requantize(xt, levels, d, dmin, sc, m, nmax):
     dg = (d.astype(_F32)[:, None] * sc.astype(_F32)).reshape(-1)
     dm = no_fma((dmin.astype(_F32)[:, None] * m.astype(_F32)).reshape(-1))
     dg, dm = materialize(dg, dm)
-    q = nearest_int(div(xt + dm[None], jnp.where(dg == 0, _F32(1), dg)[None]))
+    q = nearest_int(exact_div(xt + dm[None], jnp.where(dg == 0, _F32(1), dg)[None]))
     return jnp.where(dg[None] != 0, jnp.clip(q, 0, nmax), levels)
 
 
@@ -170,12 +169,12 @@ def _q45_k(x, qw, nmax, rmin, nstep):
         )
         scales, mins = scale.reshape(nb, 8), the_min.reshape(nb, 8)
         max_scale, max_min = _positive_max(scales), _positive_max(mins)
-        inv_scale = jnp.where(max_scale > 0, div(_F32(63), max_scale), _F32(0))
-        inv_min = jnp.where(max_min > 0, div(_F32(63), max_min), _F32(0))
+        inv_scale = jnp.where(max_scale > 0, exact_div(_F32(63), max_scale), _F32(0))
+        inv_min = jnp.where(max_min > 0, exact_div(_F32(63), max_min), _F32(0))
         ls = jnp.minimum(_u8(nearest_int(inv_scale[:, None] * scales)), 63)
         lm = jnp.minimum(_u8(nearest_int(inv_min[:, None] * mins)), 63)
-        d = div(max_scale, _F32(63)).astype(jnp.float16)
-        dmin = div(max_min, _F32(63)).astype(jnp.float16)
+        d = exact_div(max_scale, _F32(63)).astype(jnp.float16)
+        dmin = exact_div(max_min, _F32(63)).astype(jnp.float16)
     else:
         qwt = _groups(_row_weights(qw, x.shape, QK_K), 32)
         sigma2 = (2 * _sum_x2(xb)) / QK_K
@@ -283,12 +282,12 @@ def quantize_q2_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
         max_scale, max_min = _positive_max(scales), _positive_max(mins)
         pos_s, pos_m = max_scale > 0, max_min > 0
         one = _F32(1)
-        iscale = div(_F32(15), jnp.where(pos_s, max_scale, one))
-        imin = div(_F32(15), jnp.where(pos_m, max_min, one))
+        iscale = exact_div(_F32(15), jnp.where(pos_s, max_scale, one))
+        imin = exact_div(_F32(15), jnp.where(pos_m, max_min, one))
         ls = jnp.where(pos_s[:, None], nearest_int(iscale[:, None] * scales), 0)
         lm = jnp.where(pos_m[:, None], nearest_int(imin[:, None] * mins), 0)
-        d = jnp.where(pos_s, div(max_scale, _F32(15)), _F32(0)).astype(jnp.float16)
-        dmin = jnp.where(pos_m, div(max_min, _F32(15)), _F32(0)).astype(jnp.float16)
+        d = jnp.where(pos_s, exact_div(max_scale, _F32(15)), _F32(0)).astype(jnp.float16)
+        dmin = jnp.where(pos_m, exact_div(max_min, _F32(15)), _F32(0)).astype(jnp.float16)
         packed = _u8(ls) | _u8(lm << 4)
     else:
         qwt = _groups(_row_weights(qw, x.shape, QK_K), 16)
@@ -329,7 +328,7 @@ def _legacy_weighted(x, qw, nmax):
     rows = x.reshape(-1, n)
     # sigma2 is per row here (per super-block in the K-quants).
     sum_x2 = long_sum_from_zero(no_fma(rows.T * rows.T))
-    sigma2 = div(sum_x2, _F32(n))
+    sigma2 = exact_div(sum_x2, _F32(n))
     (xt,) = materialize(xb.T)
     qwt = _row_weights(qw, x.shape, 32).T
     w = _imatrix_weights(xt, qwt, jnp.repeat(sigma2, n // 32))

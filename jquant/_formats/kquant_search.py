@@ -23,14 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .guards import nearest_int, no_fma, opaque, sequential_sum
+from .guards import exact_div, nearest_int, no_fma, opaque, sequential_sum
 
 __all__ = [
     "CHUNK",
     "GROUP_MAX_EPS",
     "chain_max",
     "chain_min",
-    "div",
     "first_zero_signed_min",
     "long_sum_from_zero",
     "make_qkx_quants",
@@ -43,21 +42,6 @@ GROUP_MAX_EPS = np.float32(1e-15)
 """ggml's all-zero threshold for a group's largest value."""
 
 _F32 = jnp.float32
-
-
-def div(a: jax.Array | float, b: jax.Array | float) -> jax.Array:
-    """C's ``a / b`` in float32, never rewritten by the compiler.
-
-    Unlike :func:`exact_div` this also holds when ``a`` is a constant: the divisor is
-    hidden behind itself *and* behind ``a``, so neither ``63 / b`` with a constant
-    numerator nor ``1 / (c / b)`` can be simplified (XLA turns the latter into ``b / c``).
-    """
-    a = jnp.asarray(a, _F32)
-    b = jnp.asarray(b, _F32)
-    shape = jnp.broadcast_shapes(a.shape, b.shape)
-    a = jnp.broadcast_to(a, shape)
-    b = jnp.broadcast_to(b, shape)
-    return a / opaque(opaque(b, dep=a))
 
 
 def materialize(*values: jax.Array) -> tuple[jax.Array, ...]:
@@ -253,10 +237,10 @@ def _qkx(x, w, *, nmax, rmin, rdelta, nstep, use_mad, signed_zero_min):
         return sum_from_zero(no_fma(w * diff))
 
     def inv_scale(num: jax.Array, m: jax.Array) -> jax.Array:
-        return div(num, jnp.where(flat, _F32(1), mx - m))
+        return exact_div(num, jnp.where(flat, _F32(1), mx - m))
 
     iscale0 = inv_scale(_F32(nmax), mn)
-    scale0 = div(_F32(1), iscale0)
+    scale0 = exact_div(_F32(1), iscale0)
     best0 = error(scale0, mn, quants(iscale0, mn).astype(_F32))
     nums = jnp.asarray(_candidate_numerators(nmax, rmin, rdelta, nstep))
 
@@ -272,10 +256,10 @@ def _qkx(x, w, *, nmax, rmin, rdelta, nstep, use_mad, signed_zero_min):
         det = no_fma(sum_w * sum_l2) - no_fma(sum_l * sum_l)
         ok = det > 0
         det = jnp.where(ok, det, _F32(1))
-        this_scale = div(no_fma(sum_w * sum_xl) - no_fma(sum_x * sum_l), det)
-        this_min = div(no_fma(sum_l2 * sum_x) - no_fma(sum_l * sum_xl), det)
+        this_scale = exact_div(no_fma(sum_w * sum_xl) - no_fma(sum_x * sum_l), det)
+        this_min = exact_div(no_fma(sum_l2 * sum_x) - no_fma(sum_l * sum_xl), det)
         pos = this_min > 0
-        this_scale = jnp.where(pos, div(sum_xl, jnp.where(ok, sum_l2, _F32(1))), this_scale)
+        this_scale = jnp.where(pos, exact_div(sum_xl, jnp.where(ok, sum_l2, _F32(1))), this_scale)
         this_min = jnp.where(pos, _F32(0), this_min)
         this_scale, this_min = materialize(this_scale, this_min)
         (cur,) = materialize(error(this_scale, this_min, lf))
@@ -318,18 +302,18 @@ def make_qp_quants(x: jax.Array, w: jax.Array, *, nmax: int) -> tuple[jax.Array,
     (mx_safe,) = materialize(jnp.where(zero, _F32(1), mx))
 
     def candidate_mse(iscale: jax.Array, clamp: bool) -> jax.Array:
-        scale = div(_F32(1), iscale)
+        scale = exact_div(_F32(1), iscale)
         q = nearest_int(iscale[None] * x)
         # First pass stores into uint8 L (no clamp); the candidates use the int, clamped.
         q = jnp.minimum(q, nmax) if clamp else q & 255
         diff = x - no_fma(scale[None] * q.astype(_F32))
         return sum_from_zero(no_fma(no_fma(w * diff) * diff))
 
-    (iscale,) = materialize(div(_F32(nmax), mx_safe))
+    (iscale,) = materialize(exact_div(_F32(nmax), mx_safe))
     (best,) = materialize(candidate_mse(iscale, clamp=False))
     for i in (-4, -3, -2, -1, 1, 2, 3, 4):
         num = np.float32(np.float32(0.1) * np.float32(i)) + np.float32(nmax)
-        (iscale_i,) = materialize(div(num, mx_safe))
+        (iscale_i,) = materialize(exact_div(num, mx_safe))
         mse = candidate_mse(iscale_i, clamp=True)
         better = mse < best
         best, iscale = materialize(
@@ -353,7 +337,7 @@ def make_qp_quants(x: jax.Array, w: jax.Array, *, nmax: int) -> tuple[jax.Array,
             slx = sumlx - no_fma(no_fma(wi * xi) * lif)
             sl2 = suml2 - no_fma(no_fma(wi * lif) * lif)
             ok = (slx > 0) & (sl2 > 0)
-            ratio = div(no_fma(xi * sl2), jnp.where(ok, slx, _F32(1)))
+            ratio = exact_div(no_fma(xi * sl2), jnp.where(ok, slx, _F32(1)))
             new_l = jnp.minimum(nearest_int(ratio), nmax)
             nlf = new_l.astype(_F32)
             slx = slx + no_fma(no_fma(wi * xi) * nlf)
@@ -367,7 +351,7 @@ def make_qp_quants(x: jax.Array, w: jax.Array, *, nmax: int) -> tuple[jax.Array,
 
     # One pass per iteration, the n element steps of a pass unrolled.
     levels, sumlx, suml2 = lax.fori_loop(0, 5, descend, (q & 255, sumlx, suml2))
-    scale = jnp.where(suml2 > 0, div(sumlx, jnp.where(suml2 > 0, suml2, _F32(1))), 0)
+    scale = jnp.where(suml2 > 0, exact_div(sumlx, jnp.where(suml2 > 0, suml2, _F32(1))), 0)
     scale = jnp.where(zero, _F32(0), scale.astype(_F32))
     levels = jnp.where(zero[None], 0, levels)
     return scale, levels

@@ -19,7 +19,6 @@ import numpy as np
 
 from .guards import exact_div, nearest_int, no_fma, sequential_sum
 from .symmetric_search import (
-    divide_by,
     first_absmax,
     fusion_barrier,
     make_q3_quants,
@@ -155,8 +154,8 @@ def _q6_k_blocks(xb: jax.Array, wb: jax.Array | None) -> dict[str, jax.Array]:
     scales = scales.reshape(-1, _N_GROUPS)
     max_abs, max_scale = first_absmax(scales.T)
     zero = max_abs < np.float32(1e-15)
-    iscale = divide_by(-128.0, jnp.where(zero, 1.0, max_scale))
-    d = divide_by(1.0, iscale).astype(jnp.float16)
+    iscale = exact_div(-128.0, jnp.where(zero, 1.0, max_scale))
+    d = exact_div(1.0, iscale).astype(jnp.float16)
     sc = jnp.minimum(127, nearest_int(iscale[:, None] * scales))
     sc = jnp.where(zero[:, None], 0, sc)
     d = jnp.where(zero, jnp.float16(0), d)
@@ -226,10 +225,10 @@ def _q3_k_blocks(xb: jax.Array, qwb: jax.Array | None) -> dict[str, jax.Array]:
         scales = scales.reshape(-1, _N_GROUPS)
         _, max_scale = first_absmax(scales.T)
         live = max_scale != 0
-        iscale = divide_by(-32.0, jnp.where(live, max_scale, 1.0))
+        iscale = exact_div(-32.0, jnp.where(live, max_scale, 1.0))
         ls = jnp.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32
         ls = jnp.where(live[:, None], ls, 0)
-        d = jnp.where(live, divide_by(1.0, iscale), 0.0).astype(jnp.float16)
+        d = jnp.where(live, exact_div(1.0, iscale), 0.0).astype(jnp.float16)
     else:
         xx = no_fma(xb * xb)
         sigma2 = exact_div(2 * sequential_sum(xx, axis=-1), float(QK_K))

@@ -94,6 +94,10 @@ class FormatSpec:
           ``i * block_size // p ...``), multiplied separately and interleaved once on
           the small result. ``None``: one part, ``dequantize``.
         bits: integer bits per quantized value, for calibration scales (``None``: none).
+        max_abs: the largest ``|x|`` a block can hold, for formats whose scale search
+          doesn't carry a NaN/Inf or an overflow into a scale field (the K-quants and
+          IQ4 search around non-finite sums): their checks read the input itself and
+          refuse a block beyond it. ``None``: the scale fields tell.
         fallback: what llama.cpp writes for rows that aren't a multiple of the block
           (``None``: the tensor's float dtype, F16/BF16/F32).
         qtype: the :class:`~jquant.QuantType` member, ``None`` for a run-time format.
@@ -112,6 +116,7 @@ class FormatSpec:
     table: np.ndarray | None = None
     dequantize_parts: Callable[[Fields], list[jax.Array]] | None = None
     bits: int | None = None
+    max_abs: float | None = None
     fallback: QuantType | None = None
     qtype: QuantType | None = None
 
@@ -363,8 +368,13 @@ _FLOATS: Sequence[FormatSpec] = (
 )  # fmt: skip
 
 
-def _kquant_bound(levels: int) -> str:
-    return f"|x| <= about {F16_MAX * levels:.3g} (the fp16 super-block scale)"
+def _kquant_bound(levels: int) -> dict[str, Any]:
+    """The K-quant/IQ4 overflow fields: ``|x|`` beyond ``65504 * levels`` overflows the
+    fp16 super-block scale (ggml writes an Inf scale there; jquant refuses the block)."""
+    return {
+        "overflow": f"|x| <= {F16_MAX * levels:.4g} (the fp16 super-block scale)",
+        "max_abs": F16_MAX * levels,
+    }
 
 
 _KQUANTS: Sequence[FormatSpec] = (
@@ -373,47 +383,47 @@ _KQUANTS: Sequence[FormatSpec] = (
         kquant_affine.dequantize_q2_k,
         "2-bit affine super-blocks of 256: 16 groups of 16 with 4-bit scales and mins",
         quantize_weighted=kquant_affine.quantize_q2_k, scales=("d", "dmin"),
-        overflow=_kquant_bound(3 * 15), bits=2, fallback=QuantType.Q4_0, qtype=QuantType.Q2_K,
+        **_kquant_bound(3 * 15), bits=2, fallback=QuantType.Q4_0, qtype=QuantType.Q2_K,
     ),
     FormatSpec(
         "Q3_K", 11, 256, kquant_symmetric.FIELDS_Q3_K, kquant_symmetric.quantize_q3_k,
         kquant_symmetric.dequantize_q3_k,
         "3-bit symmetric super-blocks of 256: 16 groups of 16 with 6-bit scales",
         quantize_weighted=kquant_symmetric.quantize_q3_k, scales=("d",),
-        overflow=_kquant_bound(4 * 32), bits=3, fallback=QuantType.Q4_0, qtype=QuantType.Q3_K,
+        **_kquant_bound(4 * 32), bits=3, fallback=QuantType.Q4_0, qtype=QuantType.Q3_K,
     ),
     FormatSpec(
         "Q4_K", 12, 256, kquant_affine.FIELDS_Q4_K, kquant_affine.quantize_q4_k,
         kquant_affine.dequantize_q4_k,
         "4-bit affine super-blocks of 256: 8 groups of 32 with 6-bit scales and mins",
         quantize_weighted=kquant_affine.quantize_q4_k, scales=("d", "dmin"),
-        overflow=_kquant_bound(15 * 63), bits=4, fallback=QuantType.Q5_0, qtype=QuantType.Q4_K,
+        **_kquant_bound(15 * 63), bits=4, fallback=QuantType.Q5_0, qtype=QuantType.Q4_K,
     ),
     FormatSpec(
         "Q5_K", 13, 256, kquant_affine.FIELDS_Q5_K, kquant_affine.quantize_q5_k,
         kquant_affine.dequantize_q5_k,
         "5-bit affine super-blocks of 256: 8 groups of 32 with 6-bit scales and mins",
         quantize_weighted=kquant_affine.quantize_q5_k, scales=("d", "dmin"),
-        overflow=_kquant_bound(31 * 63), bits=5, fallback=QuantType.Q5_1, qtype=QuantType.Q5_K,
+        **_kquant_bound(31 * 63), bits=5, fallback=QuantType.Q5_1, qtype=QuantType.Q5_K,
     ),
     FormatSpec(
         "Q6_K", 14, 256, kquant_symmetric.FIELDS_Q6_K, kquant_symmetric.quantize_q6_k,
         kquant_symmetric.dequantize_q6_k,
         "6-bit symmetric super-blocks of 256: 16 groups of 16 with int8 scales",
         quantize_weighted=kquant_symmetric.quantize_q6_k, scales=("d",),
-        overflow=_kquant_bound(32 * 128), bits=6, fallback=QuantType.Q8_0, qtype=QuantType.Q6_K,
+        **_kquant_bound(32 * 128), bits=6, fallback=QuantType.Q8_0, qtype=QuantType.Q6_K,
     ),
     FormatSpec(
         "IQ4_NL", 20, 32, iq4.FIELDS_IQ4_NL, iq4.quantize_iq4_nl, iq4.dequantize_iq4_nl,
         "4-bit non-linear grid (16 fixed int8 levels), fp16 scale per 32",
-        quantize_weighted=iq4.quantize_iq4_nl, scales=("d",), overflow=_kquant_bound(127),
+        quantize_weighted=iq4.quantize_iq4_nl, scales=("d",), **_kquant_bound(113),
         table=np.asarray(iq4.IQ4_GRID, np.int8), bits=4, qtype=QuantType.IQ4_NL,
     ),
     FormatSpec(
         "IQ4_XS", 23, 256, iq4.FIELDS_IQ4_XS, iq4.quantize_iq4_xs, iq4.dequantize_iq4_xs,
         "4-bit non-linear grid, super-blocks of 256 with 6-bit group scales",
         quantize_weighted=iq4.quantize_iq4_xs, scales=("d",),
-        overflow=_kquant_bound(127 * 32), table=np.asarray(iq4.IQ4_GRID, np.int8), bits=4,
+        **_kquant_bound(113 * 32), table=np.asarray(iq4.IQ4_GRID, np.int8), bits=4,
         fallback=QuantType.IQ4_NL, qtype=QuantType.IQ4_XS,
     ),
 )  # fmt: skip

@@ -22,7 +22,6 @@ from .guards import exact_div, nearest_int, no_fma, opaque, sequential_sum
 
 __all__ = [
     "GROUP_MAX_EPS",
-    "divide_by",
     "first_absmax",
     "fusion_barrier",
     "make_q3_quants",
@@ -31,17 +30,6 @@ __all__ = [
 
 GROUP_MAX_EPS = np.float32(1e-15)
 """ggml's all-zero threshold: a group whose largest magnitude is below it is all zero."""
-
-
-def divide_by(a: float | jax.Array, b: jax.Array) -> jax.Array:
-    """``a / b`` as one IEEE division, also for a constant ``a``.
-
-    :func:`~jquant._formats.guards.exact_div` hides ``b`` behind a test on ``a``, which
-    XLA folds away when ``a`` is a constant; ``1 / (-128 / m)`` then becomes ``m / -128``
-    (a different float, and a different fp16 scale on about one Q6_K block in 16k).
-    Here ``b`` is made opaque on its own value.
-    """
-    return jnp.asarray(a, jnp.float32) / opaque(b)
 
 
 def fusion_barrier(tree, dep: jax.Array):
@@ -203,7 +191,7 @@ def make_qx_quants(x: jax.Array, w: jax.Array, nmax: int) -> tuple[jax.Array, ja
 
 def _qx_search(x, w, mx, nmax: int, gradual: bool):
     wx = w * x
-    iscale = divide_by(-nmax, mx)
+    iscale = exact_div(-nmax, mx)
     sumlx, suml2 = fusion_barrier(_sums(x, w, wx, iscale, nmax), x)
     scale = jnp.where(suml2 != 0, exact_div(sumlx, jnp.where(suml2 != 0, suml2, 1.0)), 0.0)
     # -(nmax + 0.1f*is) for is = -9..9, is != 0, rounded as the C does.
@@ -252,7 +240,7 @@ def make_q3_quants(x: jax.Array, nmax: int) -> tuple[jax.Array, jax.Array]:
 
 def _q3_search(x, mx, nmax: int, gradual: bool):
     n = x.shape[0]
-    iscale = divide_by(-nmax, mx)
+    iscale = exact_div(-nmax, mx)
     w = x * x
     wx = w * x
     levels = _levels(iscale, x, nmax).astype(jnp.float32)
