@@ -304,7 +304,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # a .safetensors with an HF config.json and tokenizer beside it: a llama.cpp model
     folder = None if args.rule else model_dir_for(args.input, args.type)
     if folder is not None:
-        return _export_model(args, folder, args.type or "q8_0", files=[args.input])
+        return _export_model(args, folder, args.type or _DEFAULT, files=[args.input])
     rules = _rules(args)
     sources, meta = read_sources(args.input)
     meta = dict(meta)
