@@ -118,6 +118,23 @@ def test_imatrix_export_equals_llama_quantize(exports, sp_folder, tmp_path):
     llama_quantize(f16, ref, FTYPES["q4_k_s"], imatrix=im)
     assert_same_tensors(ours, ref)
     assert read_header(ours)[0].metadata["quantize.imatrix.entries_count"] == len(im)
+    # the same weights under the HF names of the source tensors
+    gguf_to_hf = {
+        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }  # fmt: skip
+    hf_im = {}
+    for name, v in im.items():
+        if name == "output.weight":
+            hf_im["lm_head.weight"] = v
+        else:
+            _, i, kind, _ = name.split(".")
+            hf_im[f"model.layers.{i}.{gguf_to_hf[kind]}.weight"] = v
+    by_hf = jquant.export_gguf(
+        tmp_path / "hf.gguf", w, cfg, tokenizer=sp_folder, ftype="Q4_K_S", imatrix=hf_im
+    )
+    assert_same_tensors(by_hf, ref)
 
 
 def test_imatrix_of_the_wrong_size_names_the_tensor(exports, sp_folder, tmp_path):

@@ -163,7 +163,8 @@ def export_gguf(
         progress: ``progress(bytes_done, bytes_total, tensor_name)`` after each tensor.
         imatrix: importance weights for the mixes, as llama-quantize's ``--imatrix``: a
           file (llama.cpp's GGUF imatrix or legacy ``.dat``), an ``ImportanceMatrix`` or
-          ``{GGUF tensor name: float32 weights, one per column}``.
+          ``{tensor name: float32 weights, one per column}``, named as in the GGUF file
+          (``blk.0.attn_q.weight``) or as in the HF weights (``model.layers.0...``).
 
     Returns:
         The path written.
@@ -264,7 +265,9 @@ def export_gguf(
         )
         for t in planned:
             src, dst = base[t.name], QuantType(int(types[t.name]))
-            iw = None if im_weights is None or dst == src else im_weights.get(t.name)
+            iw = None
+            if im_weights is not None and dst != src:  # by GGUF name, else by source name
+                iw = im_weights.get(t.name, im_weights.get(t.source))
             produce = _produce_mixed(t.load, src, dst, t.name, tuple(t.shape), iw)
             entries.append(Entry(t.name, "q", "float32", t.shape, dst.ggml_type, produce))
     tree = {"d": [[e.path, {"i": i}] for i, e in enumerate(entries)]}
