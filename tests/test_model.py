@@ -357,8 +357,8 @@ def test_bad_rules():
     params = {"w": jnp.ones((64, 64))}
     with pytest.raises(jquant.QuantError, match=r"'\(unclosed'.*not a valid regular expression"):
         jquant.quantize_model(params, {"(unclosed": "q4_0"})
-    with pytest.raises(jquant.UnknownFormatError, match="rule 'w'.*q3_k"):
-        jquant.quantize_model(params, [("w", "q3_k")])
+    with pytest.raises(jquant.UnknownFormatError, match="rule 'w'.*iq2_xxs"):
+        jquant.quantize_model(params, [("w", "iq2_xxs")])
     with pytest.raises(jquant.UnknownFormatError):
         jquant.quantize_model(params, "int3")
     with pytest.raises(jquant.QuantError, match="chunk_blocks"):
