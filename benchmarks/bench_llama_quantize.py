@@ -83,6 +83,10 @@ def _pick_ftype(requested: str) -> tuple[str, bool]:
     return name, False
 
 
+def _load(avg: tuple[float, float, float]) -> str:
+    return " / ".join(f"{x:.1f}" for x in avg)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ftype", default="Q4_K_M")
@@ -101,6 +105,7 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="jquant-xla-")
     env["JQUANT_CACHE_DIR"] = cache  # a fresh cache: the first run compiles, later ones reuse
     rows = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as d:
         for label, cfg in sizes.items():
             src = Path(d) / f"{label}-f16.gguf"
@@ -141,6 +146,10 @@ def main() -> None:
         "whole process)",
         "",
         machine(),
+        "",
+        f"Load average (1/5/15 min) at the start: {_load(load_before)}; at the end: "
+        f"{_load(os.getloadavg())} (the machine is shared: wall times are noisy, the "
+        "same-run ratios and CPU times less so).",
         "",
         "Wall time of the whole process (median of the runs after the first), and its CPU "
         "time (user + sys), which a busy machine inflates less.",

@@ -179,8 +179,8 @@ def test_errors_name_the_problem(models, sp_folder, tmp_path):
         jquant.export_gguf(
             tmp_path / "m.gguf", w, {**cfg, "model_type": "gpt2"}, tokenizer=sp_folder
         )
-    with pytest.raises(jquant.QuantError, match="q4_k_m"):
-        jquant.export_gguf(tmp_path / "m.gguf", w, cfg, tokenizer=sp_folder, ftype="q4_k_m")
+    with pytest.raises(jquant.QuantError, match="iq2_xxs"):
+        jquant.export_gguf(tmp_path / "m.gguf", w, cfg, tokenizer=sp_folder, ftype="iq2_xxs")
     flax_like = {
         **w,
         "model.layers.0.mlp.down_proj.weight": w["model.layers.0.mlp.down_proj.weight"].T,

@@ -84,8 +84,12 @@ def test_quantize_safetensors_with_config_writes_a_model(sp_folder, tmp_path):
     assert main(["quantize", str(d / "model.safetensors"), "-o", str(out), "-q"]) == 0
     assert _arch(out) == "llama"
     assert jquant.inspect_gguf(out).metadata["general.file_type"] == 7  # q8_0 default
-    # a format llama.cpp export doesn't write yet, or explicit rules: the plain tensor file
+    # llama-quantize's mixes too
     assert main(["quantize", str(d / "model.safetensors"), "-o", str(out), "-t", "q4_0", "-q"]) == 0
+    assert _arch(out) == "llama"
+    assert jquant.inspect_gguf(out).metadata["general.file_type"] == 2
+    # a format name that is no llama.cpp ftype (q4_k, not q4_k_m): the plain tensor file
+    assert main(["quantize", str(d / "model.safetensors"), "-o", str(out), "-t", "q4_k", "-q"]) == 0
     assert _arch(out) == "jquant"
     (d / "tokenizer.model").unlink()
     assert main(["quantize", str(d / "model.safetensors"), "-o", str(out), "-q"]) == 0
@@ -100,5 +104,39 @@ def test_export_errors_exit_codes(sp_folder, tmp_path, capsys):
     from safetensors.numpy import save_file
 
     save_file(w, str(d / "model.safetensors"))
-    assert main(["export", str(d), "-o", str(tmp_path / "x.gguf"), "-t", "q4_k_m", "-q"]) == 5
-    assert "q4_k_m" in capsys.readouterr().err
+    assert main(["export", str(d), "-o", str(tmp_path / "x.gguf"), "-t", "iq2_xxs", "-q"]) == 5
+    assert "iq2_xxs" in capsys.readouterr().err
+
+
+def test_export_a_llama_quantize_mix_with_an_imatrix(sp_folder, tmp_path):
+    from safetensors.numpy import save_file
+
+    d, cfg, w = _model_dir(tmp_path, sp_folder)
+    save_file(w, str(d / "model.safetensors"))
+    name = "blk.0.attn_q.weight"  # Q4_K_M: Q4_K, rows of 64 fall back to weighted Q5_0
+    im = jquant.ImportanceMatrix(
+        sums={name: np.linspace(0.1, 8.0, 64)[None] ** 2},
+        counts={name: np.array([4], np.int64)},
+        chunk_count=1,
+    )
+    jquant.save_imatrix(tmp_path / "im.gguf", im)
+    out = tmp_path / "cli.gguf"
+    args = [
+        "export",
+        str(d),
+        "-o",
+        str(out),
+        "-t",
+        "q4_k_m",
+        "--imatrix",
+        str(tmp_path / "im.gguf"),
+    ]
+    assert main([*args, "-q"]) == 0
+    ref = jquant.export_gguf(
+        tmp_path / "api.gguf", w, cfg, tokenizer=d, ftype="Q4_K_M", imatrix=tmp_path / "im.gguf"
+    )
+    a, b = jquant.load_gguf(out), jquant.load_gguf(ref)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(np.asarray(a[k].to_bytes()), np.asarray(b[k].to_bytes())), k
+    assert jquant.inspect_gguf(out).metadata["general.file_type"] == 15

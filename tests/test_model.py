@@ -357,9 +357,73 @@ def test_bad_rules():
     params = {"w": jnp.ones((64, 64))}
     with pytest.raises(jquant.QuantError, match=r"'\(unclosed'.*not a valid regular expression"):
         jquant.quantize_model(params, {"(unclosed": "q4_0"})
-    with pytest.raises(jquant.UnknownFormatError, match="rule 'w'.*q7_k"):
-        jquant.quantize_model(params, [("w", "q7_k")])
+    with pytest.raises(jquant.UnknownFormatError, match="rule 'w'.*iq2_xxs"):
+        jquant.quantize_model(params, [("w", "iq2_xxs")])
     with pytest.raises(jquant.UnknownFormatError):
         jquant.quantize_model(params, "int3")
     with pytest.raises(jquant.QuantError, match="chunk_blocks"):
         jquant.quantize_model(params, "q4_0", chunk_blocks=1000)
+
+
+# -- importance matrices ---------------------------------------------------------------
+
+
+def _weighted_params():
+    rng = np.random.default_rng(5)
+
+    def a(*shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        x[..., rng.integers(0, shape[-1], 3)] *= 6  # outlier columns the weights favour
+        return jnp.asarray(x)
+
+    return {"attn": {"q": a(8, 256), "k": a(4, 256)}, "mlp": {"up": a(6, 512)}, "head": a(16, 96)}
+
+
+@pytest.mark.parametrize(
+    "rules", [{"head": "q8_0", ".*": "q4_k"}, {"attn": "q4_0", "mlp": "iq4_xs", ".*": "q5_1"}]
+)
+def test_imatrix_bytes_equal_quantize_tensor(rules):
+    params = _weighted_params()
+    rng = np.random.default_rng(6)
+    w = {k: rng.gamma(1.0, 1.0, n).astype(np.float32) for k, n in [("q", 256), ("up", 512)]}
+    w96 = rng.gamma(1.0, 1.0, 96).astype(np.float32)
+    # an exact path, a regex, and a leaf without weights (attn/k)
+    imatrix = {"attn/q": w["q"], r"mlp/u.$": w["up"], "head": w96}
+    qp = jquant.quantize_model(params, rules, imatrix=imatrix)
+    leaves = {"attn/q": qp["attn"]["q"], "attn/k": qp["attn"]["k"], "mlp/up": qp["mlp"]["up"]}
+    fmt = {p: q.qtype for p, q in {**leaves, "head": qp["head"]}.items()}
+    expect = {
+        "attn/q": jquant.quantize_tensor(params["attn"]["q"], fmt["attn/q"], imatrix=w["q"]),
+        "attn/k": jquant.quantize_tensor(params["attn"]["k"], fmt["attn/k"]),
+        "mlp/up": jquant.quantize_tensor(params["mlp"]["up"], fmt["mlp/up"], imatrix=w["up"]),
+    }
+    for p, q in expect.items():
+        assert np.array_equal(np.asarray(leaves[p].to_bytes()), np.asarray(q.to_bytes())), p
+    # the weights changed something (the weighted encoders ran)
+    plain = jquant.quantize_model(params, rules)
+    assert not np.array_equal(
+        np.asarray(plain["attn"]["q"].to_bytes()), np.asarray(qp["attn"]["q"].to_bytes())
+    )
+    # Q8_0 has no weighted encoder: its weights are ignored, as in llama.cpp
+    head_w = w96 if fmt["head"].spec.supports_imatrix else None
+    ref = jquant.quantize_tensor(params["head"], fmt["head"], imatrix=head_w)
+    assert np.array_equal(np.asarray(qp["head"].to_bytes()), np.asarray(ref.to_bytes()))
+
+
+def test_imatrix_as_importance_matrix_and_in_the_report():
+    params = _weighted_params()
+    sums = {"attn/q": np.linspace(0.1, 3.0, 256)[None] ** 2}
+    im = jquant.ImportanceMatrix(sums=sums, counts={"attn/q": np.array([2], np.int64)})
+    qp, rep = jquant.quantize_model(params, "q4_k", imatrix=im, report=True)
+    ref = jquant.quantize_tensor(params["attn"]["q"], "q4_k", imatrix=im.weights()["attn/q"])
+    assert np.array_equal(np.asarray(qp["attn"]["q"].to_bytes()), np.asarray(ref.to_bytes()))
+    row = next(r for r in rep.rows if r.path == "attn/q")
+    x = np.asarray(params["attn"]["q"], np.float64)
+    err = x - np.asarray(jquant.dequantize_tensor(ref), np.float64)
+    np.testing.assert_allclose(row.rmse, np.sqrt(np.mean(err**2)), rtol=1e-6)
+
+
+def test_imatrix_shape_mismatch_names_the_leaf():
+    params = _weighted_params()
+    with pytest.raises(jquant.ShapeError, match="'mlp/up'.*shape \\(256,\\).*\\(512,\\)"):
+        jquant.quantize_model(params, "q4_k", imatrix={"mlp": np.ones(256, np.float32)})

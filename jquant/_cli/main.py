@@ -386,6 +386,7 @@ def _export_model(args: argparse.Namespace, folder: Any, ftype: str, files=None)
             pre_tokenizer=getattr(args, "pre_tokenizer", None),
             files=files,
             progress=callback,
+            imatrix=getattr(args, "imatrix", None),
         )
     elapsed = time.perf_counter() - t0
     size = os.path.getsize(args.output)

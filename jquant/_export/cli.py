@@ -27,7 +27,16 @@ def add_export_command(command: Callable[[str, str], argparse.ArgumentParser]) -
     )
     e.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     e.add_argument(
-        "-t", "--type", default="f16", help=f"llama.cpp ftype: {', '.join(FTYPES)} (default f16)"
+        "-t",
+        "--type",
+        default="f16",
+        help=f"llama.cpp ftype: {', '.join(FTYPES)} (default f16); the mixes (q4_k_m...) "
+        "as llama-quantize makes them from the f16 export",
+    )
+    e.add_argument(
+        "--imatrix",
+        default=None,
+        help="importance matrix for the mixes (llama.cpp's imatrix GGUF or .dat file)",
     )
     e.add_argument(
         "--source",
@@ -113,6 +122,7 @@ def export_dir(
     pre_tokenizer: str | None = None,
     files: list[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    imatrix: str | os.PathLike | None = None,
 ) -> Path:
     """Export the model in ``folder`` (see :func:`read_model_dir`) to ``output``."""
     folder = Path(folder)
@@ -130,6 +140,7 @@ def export_dir(
         source=src,
         pre_tokenizer=pre_tokenizer,
         progress=progress,
+        imatrix=imatrix,
     )
 
 

@@ -14,29 +14,40 @@ from .._core.quantize import quantize_tensor
 from .._errors import QuantError
 from .._formats.quant_type import QuantType
 from .._io.gguf_file import Entry, write_gguf
+from .._llama.imatrix import ImportanceMatrix
+from .._llama.mixes import FTYPES as LLAMA_FTYPES
+from .._llama.mixes import LlamaModelFacts, MixOptions, choose_types
+from .._llama.quantize import encode_model_tensor, imatrix_metadata, prepare_imatrix
 from .adapters import SOURCES, to_hf
 from .arch import arch_for, write_hparams
 from .layout import plan_tensors
 from .tokenizer import tokenizer_size, write_tokenizer
 
-__all__ = ["FTYPES", "export_gguf", "tensor_type"]
+__all__ = ["CONVERTER_FTYPES", "FTYPES", "export_gguf", "tensor_type"]
 
-# llama.cpp ftype name -> (gguf.LlamaFileType value, the format of the big matrices)
-FTYPES: dict[str, tuple[int, QuantType]] = {
+# convert_hf_to_gguf.py's --outtype names -> (llama_ftype id, the format of the matrices)
+CONVERTER_FTYPES: dict[str, tuple[int, QuantType]] = {
     "f32": (0, QuantType.F32),
     "f16": (1, QuantType.F16),
     "bf16": (32, QuantType.BF16),
     "q8_0": (7, QuantType.Q8_0),
+}
+# every ftype export_gguf writes -> its llama_ftype id: the converter's, then the
+# llama-quantize mixes (written as llama-quantize makes them from the f16 file)
+FTYPES: dict[str, int] = {
+    **{k: v[0] for k, v in CONVERTER_FTYPES.items()},
+    **{k.lower(): v for k, v in LLAMA_FTYPES.items() if k.lower() not in CONVERTER_FTYPES},
 }
 
 
 def tensor_type(name: str, shape: tuple[int, ...], ftype: str) -> QuantType:
     """The GGML format llama.cpp's converter gives tensor ``name`` in a file of ``ftype``.
 
-    The one place a tensor's format is chosen: llama-quantize's per-tensor mixes
-    (Q4_K_M, ...) plug in here. As ``convert_hf_to_gguf.py``: 1-D tensors, norms and
-    non-``.weight`` tensors are F32; the rest take the ftype's format, falling back to
-    F16 where rows are not a multiple of the block size.
+    For the converter's ftypes (``f32``, ``f16``, ``bf16``, ``q8_0``), as
+    ``convert_hf_to_gguf.py``: 1-D tensors, norms and non-``.weight`` tensors are F32; the
+    rest take the ftype's format, falling back to F16 where rows are not a multiple of
+    the block size. llama-quantize's mixes (``q4_k_m``...) depend on the whole model;
+    :func:`export_gguf` picks them with :func:`jquant._llama.mixes.choose_types`.
 
     Example:
         >>> tensor_type("blk.0.attn_norm.weight", (64,), "q8_0").name
@@ -47,14 +58,14 @@ def tensor_type(name: str, shape: tuple[int, ...], ftype: str) -> QuantType:
         'F16'
     """
     key = ftype.lower()
-    if key not in FTYPES:
+    if key not in CONVERTER_FTYPES:
         raise QuantError(
-            f"ftype {ftype!r} is not supported yet; use one of {', '.join(FTYPES)} (llama.cpp "
-            f"mixes such as q4_k_m come with jquant's llama-quantize rules)"
+            f"ftype {ftype!r} is not one of the converter's ({', '.join(CONVERTER_FTYPES)}); "
+            f"llama-quantize's mixes depend on the whole model (export_gguf picks them)"
         )
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return QuantType.F32
-    qt = FTYPES[key][1]
+    qt = CONVERTER_FTYPES[key][1]
     if qt.is_block_quantized and shape[-1] % qt.block_size:
         return QuantType.F16
     return qt
@@ -83,6 +94,30 @@ def _produce(load: Callable[[], np.ndarray], qt: QuantType, name: str):
     return produce
 
 
+def _produce_mixed(
+    load: Callable[[], np.ndarray],
+    src: QuantType,
+    dst: QuantType,
+    name: str,
+    shape: tuple[int, ...],
+    importance: np.ndarray | None,
+):
+    """llama-quantize's bytes for one tensor of the ``src`` (f16 export) file."""
+
+    def produce() -> np.ndarray:
+        data = np.asarray(quantize_tensor(np.asarray(load()), src, name=name).to_bytes())
+        if dst == src:
+            return data
+        x = data.view("<f2" if src == QuantType.F16 else "<f4").reshape(shape)
+        return np.frombuffer(encode_model_tensor(x, name, dst.ggml_type, importance), np.uint8)
+
+    return produce
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def export_gguf(
     path: str | os.PathLike,
     weights: Mapping[str, Any],
@@ -94,6 +129,7 @@ def export_gguf(
     pre_tokenizer: str | None = None,
     name: str | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    imatrix: ImportanceMatrix | Mapping[str, np.ndarray] | str | os.PathLike | None = None,
 ) -> Path:
     """Write a model as a GGUF file that llama.cpp (and Ollama) load and run.
 
@@ -115,19 +151,27 @@ def export_gguf(
         config: the HF ``config.json`` (a path or a dict).
         tokenizer: a folder with ``tokenizer.model`` (SentencePiece) and/or
           ``tokenizer.json`` (BPE), plus ``tokenizer_config.json``.
-        ftype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` (see :func:`tensor_type`).
+        ftype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` as llama.cpp's converter
+          writes them (see :func:`tensor_type`), or one of llama-quantize's mixes
+          (``"q4_k_m"``, ``"q4_0"``, ``"q5_k_s"``, ``"q6_k"``, ``"iq4_xs"``...; see
+          ``FTYPES``): each tensor gets the type and bytes ``llama-quantize`` gives it when
+          it quantizes the ``"f16"`` export of the same model.
         source: ``"hf"``, ``"flax"``, ``"gemma"`` or ``"maxtext"``.
         pre_tokenizer: llama.cpp's BPE pre-tokenizer name; detected like llama.cpp's
           converter does when ``None`` (needs ``tokenizers``).
         name: ``general.name`` (default: the config's ``_name_or_path`` or the family).
         progress: ``progress(bytes_done, bytes_total, tensor_name)`` after each tensor.
+        imatrix: importance weights for the mixes, as llama-quantize's ``--imatrix``: a
+          file (llama.cpp's GGUF imatrix or legacy ``.dat``), an ``ImportanceMatrix`` or
+          ``{tensor name: float32 weights, one per column}``, named as in the GGUF file
+          (``blk.0.attn_q.weight``) or as in the HF weights (``model.layers.0...``).
 
     Returns:
         The path written.
 
     Raises:
-        QuantError: an unsupported architecture, ftype or tokenizer, or a tensor with no
-          llama.cpp name.
+        QuantError: an unsupported architecture, ftype or tokenizer, a tensor with no
+          llama.cpp name, or importance weights that don't fit a tensor's rows.
         ShapeError: a tensor whose shape does not match the config.
         FileWriteError: ``path`` can't be written (no partial file is left).
 
@@ -162,7 +206,16 @@ def export_gguf(
     arch = arch_for(cfg)
     key = ftype.lower()
     if key not in FTYPES:
-        tensor_type("x.weight", (32, 32), key)  # raises the message
+        raise QuantError(
+            f"ftype {ftype!r} is not supported; use one of {', '.join(FTYPES)} (llama.cpp's "
+            f"other ftypes need kernels jquant doesn't have)"
+        )
+    mixed = key not in CONVERTER_FTYPES
+    im_weights, im, im_path = prepare_imatrix(imatrix)
+    if im_weights is not None and not mixed:
+        raise QuantError(
+            f"an imatrix only changes llama-quantize's mixes; ftype {ftype!r} doesn't use it"
+        )
     if source not in SOURCES:
         raise QuantError(f"source {source!r} is not one of {', '.join(SOURCES)}")
     hf = to_hf(weights, cfg, source)
@@ -173,7 +226,7 @@ def export_gguf(
     default_name = str(cfg.get("_name_or_path") or arch.model_type).rstrip("/").split("/")[-1]
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or default_name)
-    write_hparams(w, arch, cfg, FTYPES[key][0])
+    write_hparams(w, arch, cfg, FTYPES[key])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     n_real = tokenizer_size(tokenizer)
     n_vocab = n_real if arch.trim_vocab else int(cfg.get("vocab_size") or n_real)
@@ -185,16 +238,37 @@ def export_gguf(
         sentencepiece_only=arch.sentencepiece_only,
         pre_tokenizer=pre_tokenizer,
     )
+    if im_weights is not None:
+        for k, v in imatrix_metadata(im_weights, im, im_path):
+            (w.add_string if isinstance(v, str) else w.add_uint32)(k, v)
     metadata: dict[str, Any] = {"general.architecture": arch.gguf_arch}
     for k, v in w.kv_data[0].items():
         if k != "general.architecture":
             metadata[k] = (v.value, v.type, v.sub_type)
 
+    planned = plan_tensors(hf, cfg, arch, n_vocab)
     entries = []
-    for t in plan_tensors(hf, cfg, arch, n_vocab):
-        qt = tensor_type(t.name, t.shape, key)
-        entries.append(
-            Entry(t.name, "q", "float32", t.shape, qt.ggml_type, _produce(t.load, qt, t.name))
+    if not mixed:
+        for t in planned:
+            qt = tensor_type(t.name, t.shape, key)
+            produce = _produce(t.load, qt, t.name)
+            entries.append(Entry(t.name, "q", "float32", t.shape, qt.ggml_type, produce))
+    else:
+        # the types llama-quantize gives each tensor of the f16 export
+        base = {t.name: tensor_type(t.name, t.shape, "f16") for t in planned}
+        facts = LlamaModelFacts.from_metadata({k: _plain(v.value) for k, v in w.kv_data[0].items()})
+        types = choose_types(
+            FTYPES[key],
+            [(t.name, t.shape, base[t.name].ggml_type) for t in planned],
+            facts,
+            MixOptions(has_imatrix=im_weights is not None),
         )
+        for t in planned:
+            src, dst = base[t.name], QuantType(int(types[t.name]))
+            iw = None
+            if im_weights is not None and dst != src:  # by GGUF name, else by source name
+                iw = im_weights.get(t.name, im_weights.get(t.source))
+            produce = _produce_mixed(t.load, src, dst, t.name, tuple(t.shape), iw)
+            entries.append(Entry(t.name, "q", "float32", t.shape, dst.ggml_type, produce))
     tree = {"d": [[e.path, {"i": i}] for i, e in enumerate(entries)]}
     return write_gguf(path, entries, tree=tree, metadata=metadata, progress=progress)

@@ -47,6 +47,9 @@ __all__ = [
     "encode_tensor",
     "is_llama_gguf",
     "enable_compilation_cache",
+    "encode_model_tensor",
+    "imatrix_metadata",
+    "prepare_imatrix",
 ]
 
 _ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: llama-quantize's output ignores the input's alignment
@@ -166,9 +169,15 @@ def _chunked(rows: np.ndarray, quantize: Callable[[np.ndarray], Any], rows_per_c
 
 
 def is_llama_gguf(meta: Mapping[str, Any]) -> bool:
-    """A GGUF that llama.cpp wrote (or converted): an architecture other than jquant's."""
+    """A GGUF that llama.cpp wrote (or converted): an architecture other than jquant's.
+
+    ``jquant.export_gguf``'s files count (they carry llama.cpp's ``{arch}.block_count``);
+    a jquant tensor file that merely names an architecture doesn't.
+    """
     arch = meta.get("general.architecture")
-    return bool(arch) and str(arch) != "jquant" and not any(k.startswith("jquant.") for k in meta)
+    if not arch or str(arch) == "jquant":
+        return False
+    return f"{arch}.block_count" in meta or not any(k.startswith("jquant.") for k in meta)
 
 
 def _raw_kvs(mm: np.ndarray) -> list[tuple[str, bytes]]:
@@ -257,11 +266,25 @@ def _row_bytes(t: T, shape: Sequence[int]) -> int:
     return n // block * size
 
 
-def _weights_for(
+def prepare_imatrix(
     imatrix: ImportanceMatrix | Mapping[str, np.ndarray] | str | os.PathLike | None,
-    include: Sequence[str],
-    exclude: Sequence[str],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> tuple[dict[str, np.ndarray] | None, ImportanceMatrix | None, str | None]:
+    """An importance matrix as llama-quantize prepares it: ``(weights, matrix, path)``.
+
+    Args:
+        imatrix: a file (GGUF imatrix or legacy ``.dat``), an :class:`ImportanceMatrix`,
+          ``{tensor name: float32 weights}``, or ``None``.
+        include, exclude: ``--include-weights`` / ``--exclude-weights`` substrings.
+
+    Returns:
+        ``{tensor name: float32 weights}`` (``None`` when empty), the
+        :class:`ImportanceMatrix` it came from (if any) and the file path (if any).
+
+    Raises:
+        QuantError: both ``include`` and ``exclude``, or non-finite weights.
+    """
     if imatrix is None:
         return None, None, None
     path = None
@@ -284,6 +307,19 @@ def _weights_for(
         if not np.all(np.isfinite(v)):
             raise QuantError(f"imatrix contains non-finite values (in {k!r})")
     return (weights or None), im, path
+
+
+def imatrix_metadata(
+    weights: Mapping[str, np.ndarray], im: ImportanceMatrix | None, path: str | None
+) -> list[tuple[str, str | int]]:
+    """The ``quantize.imatrix.*`` keys llama-quantize writes, in its order (str or uint32)."""
+    out: list[tuple[str, str | int]] = [("quantize.imatrix.file", (path or "")[:127])]
+    if im is not None and im.datasets:
+        out.append(("quantize.imatrix.dataset", im.datasets[0][:127]))
+    out.append(("quantize.imatrix.entries_count", len(weights)))
+    if im is not None and im.chunk_count > 0:
+        out.append(("quantize.imatrix.chunks_count", int(im.chunk_count)))
+    return out
 
 
 def convert_gguf(
@@ -356,7 +392,7 @@ def convert_gguf(
         )
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise QuantError(f"input and output are the same file: {os.fspath(dst)!r}")
-    weights, im, im_path = _weights_for(imatrix, include_weights, exclude_weights)
+    weights, im, im_path = prepare_imatrix(imatrix, include_weights, exclude_weights)
     options = _options(
         pure,
         tensor_types,
@@ -403,23 +439,13 @@ def convert_gguf(
         ("general.file_type", _kv_u32("general.file_type", ft)),
     ]
     if weights is not None:  # llama-quantize's tool adds these with an imatrix
-        extra.append(
-            ("quantize.imatrix.file", _kv_str("quantize.imatrix.file", (im_path or "")[:127]))
-        )
-        if im is not None and im.datasets:
-            ds = im.datasets[0][:127]
-            extra.append(("quantize.imatrix.dataset", _kv_str("quantize.imatrix.dataset", ds)))
-        n = len(weights)
-        extra.append(
-            ("quantize.imatrix.entries_count", _kv_u32("quantize.imatrix.entries_count", n))
-        )
-        if im is not None and im.chunk_count > 0:
-            c = im.chunk_count
-            extra.append(
-                ("quantize.imatrix.chunks_count", _kv_u32("quantize.imatrix.chunks_count", c))
-            )
+        for k, v in imatrix_metadata(weights, im, im_path):
+            extra.append((k, _kv_str(k, v) if isinstance(v, str) else _kv_u32(k, v)))
     replaced = {k for k, _ in extra} | set(_REMOVED)
-    kv_bytes = [b for k, b in _raw_kvs(mm) if k not in replaced] + [b for _, b in extra]
+    # an export_gguf file's jquant.* keys describe its old tensors: they go
+    kv_bytes = [b for k, b in _raw_kvs(mm) if k not in replaced and not k.startswith("jquant.")] + [
+        b for _, b in extra
+    ]
 
     header = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(plans), len(kv_bytes)))
     for b in kv_bytes:
@@ -452,7 +478,7 @@ def convert_gguf(
                 else:
                     x = _values(info, mm, by_name[p.name])
                     w = None if weights is None else weights.get(p.name)
-                    data = _encode_experts(x, p, w)
+                    data = encode_model_tensor(x, p.name, p.dst_type, w)
                     reason = None
                 if len(data) != p.nbytes_out:  # pragma: no cover - a bug, not a user error
                     raise QuantError(f"internal error: {p.name} gave {len(data)} bytes")
@@ -578,25 +604,37 @@ def _why_kept(p: _Plan, facts: LlamaModelFacts, options: MixOptions) -> str | No
     return None
 
 
-def _encode_experts(x: np.ndarray, p: _Plan, w: np.ndarray | None) -> bytes:
-    """Encode a tensor; a 3-D expert tensor takes one slice of the weights per expert."""
-    row = p.shape[-1] if p.shape else 1
-    if w is not None and w.size != row * (p.shape[-3] if len(p.shape) >= 3 else 1):
-        if p.name in ("token_embd.weight", "per_layer_token_embd.weight"):
+def encode_model_tensor(
+    x: np.ndarray, name: str, ggml_type: Any, importance: np.ndarray | None = None
+) -> bytes:
+    """GGML bytes of model tensor ``name`` as llama-quantize writes it, importance included.
+
+    :func:`encode_tensor` with llama-quantize's handling of the importance weights: a
+    3-D expert tensor takes one slice per expert; weights of the wrong size are ignored
+    for the token embeddings (as llama.cpp does) and an error elsewhere.
+
+    Raises:
+        QuantError: ``importance`` doesn't match the tensor's rows.
+        KernelUnavailableError: no (weighted) kernel for ``ggml_type``.
+    """
+    shape = tuple(np.shape(x))
+    t = parse_ggml_type(ggml_type)
+    w = importance
+    row = shape[-1] if shape else 1
+    n_exp = shape[-3] if len(shape) >= 3 else 1
+    if w is not None and w.size != row * n_exp:
+        if name in ("token_embd.weight", "per_layer_token_embd.weight"):
             w = None  # llama.cpp ignores a mismatched imatrix for the token embeddings
         else:
             raise QuantError(
-                f"imatrix size {w.size} is different from tensor size "
-                f"{row * (p.shape[-3] if len(p.shape) >= 3 else 1)} for {p.name}"
+                f"imatrix size {w.size} is different from tensor size {row * n_exp} for {name}"
             )
-    if w is None or len(p.shape) < 3:
-        return encode_tensor(x, p.dst_type, w)
-    n_exp = p.shape[-3]
-    xs = x.reshape(-1, n_exp, *p.shape[-2:])
-    parts = [encode_tensor(xs[:, e], p.dst_type, w[e * row : (e + 1) * row]) for e in range(n_exp)]
-    if xs.shape[0] == 1:
-        return b"".join(parts)
-    raise QuantError(f"{p.name}: 4-D expert tensors with an imatrix are not supported")
+    if w is None or len(shape) < 3:
+        return encode_tensor(x, t, w)
+    xs = np.asarray(x).reshape(-1, n_exp, *shape[-2:])
+    if xs.shape[0] != 1:
+        raise QuantError(f"{name}: 4-D expert tensors with an imatrix are not supported")
+    return b"".join(encode_tensor(xs[:, e], t, w[e * row : (e + 1) * row]) for e in range(n_exp))
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:

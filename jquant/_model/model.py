@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +38,12 @@ from .._core.blocks import (
     num_blocks,
     pad_rows,
 )
-from .._core.quantize import check_float32_range, quantize_tensor
+from .._core.quantize import (
+    check_float32_range,
+    check_imatrix,
+    dequantize_tensor,
+    quantize_tensor,
+)
 from .._core.tensor import QuantizedTensor
 from .._errors import NonFiniteError, QuantError
 from .._formats.quant_type import QuantType, QuantTypeLike
@@ -66,6 +72,7 @@ def quantize_model(
     report: bool = False,
     check: bool = True,
     chunk_blocks: int = CHUNK_BLOCKS,
+    imatrix: Any = None,
 ) -> Any:
     """Quantize every weight of a parameter pytree, returning the same structure.
 
@@ -106,6 +113,14 @@ def quantize_model(
         check: raise :class:`NonFiniteError` / :class:`ScaleOverflowError` naming the
           leaf's path and block when a leaf holds NaN/Inf or overflows its format.
         chunk_blocks: blocks per chunk (a power of two); bounds the extra memory.
+        imatrix: importance weights for the formats with a weighted encoder (K-quants,
+          IQ4, Q4_0...Q5_1): a mapping from a leaf's path (exact, else the first key
+          that ``re.search``-es the path) to one non-negative weight per column of the
+          leaf's last axis, or an ``ImportanceMatrix`` whose names are the paths. Each
+          weighted leaf gets the bytes of ``quantize_tensor(leaf, fmt, imatrix=w)``
+          (whole, outside the chunk stream: the weighted legacy formats use per-row
+          statistics); leaves in formats without a weighted encoder (Q8_0, floats)
+          ignore their weights, as llama.cpp does.
 
     Returns:
         The quantized pytree, or ``(qparams, report)`` when ``report=True``.
@@ -114,7 +129,8 @@ def quantize_model(
         QuantError: a rule pattern that is not a valid regex.
         UnknownFormatError: an unknown format name (with the rule it came from).
         NonFiniteError, ScaleOverflowError: bad values (``check=True``), naming the path.
-        ShapeError: a sharded leaf whose shards would split a 32-value block.
+        ShapeError: a sharded leaf whose shards would split a 32-value block, or
+          importance weights that are not one per column of their leaf (naming it).
 
     Example:
         >>> import jax, jax.numpy as jnp, jquant
@@ -149,6 +165,7 @@ def quantize_model(
         else:
             decisions.append(decide(path, leaf, rules, keep_1d=keep_1d, min_size=min_size))
 
+    weights = _importance(imatrix, paths, leaves, decisions)
     out: list[Any] = list(leaves)
     stats: dict[int, tuple[float, float, float, float, int]] = {}
     traced = any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
@@ -159,7 +176,9 @@ def quantize_model(
             )
         for i, dec in enumerate(decisions):
             if dec.qtype is not None:
-                out[i] = quantize_tensor(leaves[i], dec.qtype, check=False, name=paths[i])
+                out[i] = quantize_tensor(
+                    leaves[i], dec.qtype, check=False, name=paths[i], imatrix=weights.get(i)
+                )
         return rebuild(out)
 
     groups: dict[QuantType, list[_Job]] = {}
@@ -169,7 +188,14 @@ def quantize_model(
         x = leaves[i]
         if check:
             check_float32_range(x, dec.qtype, paths[i])
-        if is_multi_device(x):
+        if i in weights:
+            out[i] = quantize_tensor(x, dec.qtype, imatrix=weights[i], check=check, name=paths[i])
+            if report:
+                xs = np.asarray(x, np.float64)
+                ys = np.asarray(dequantize_tensor(out[i]), np.float64)
+                sq, mx, ab, sig = error_sums(xs, ys)
+                stats[i] = (float(sq), float(mx), float(ab), float(sig), xs.size)
+        elif is_multi_device(x):
             out[i], st = quantize_sharded(x, dec.qtype, paths[i], check=check, stats=report)
             if st is not None:
                 stats[i] = st
@@ -230,6 +256,32 @@ def dequantize_model(qparams: Any, dtype: Any = None) -> Any:
 
 
 # -- pytree plumbing -------------------------------------------------------------------
+
+
+def _importance(imatrix: Any, paths, leaves, decisions) -> dict[int, jax.Array]:
+    """Leaf index -> its checked importance weights (weighted formats only)."""
+    if imatrix is None:
+        return {}
+    table = imatrix if isinstance(imatrix, Mapping) else imatrix.weights()
+    patterns = []
+    for key in table:
+        try:
+            patterns.append((key, re.compile(key)))
+        except re.error:
+            patterns.append((key, None))  # a plain path with regex metacharacters
+    out = {}
+    for i, (path, dec) in enumerate(zip(paths, decisions, strict=True)):
+        if dec.qtype is None or not dec.qtype.spec.supports_imatrix:
+            continue
+        if path in table:
+            w = table[path]
+        else:
+            key = next((k for k, p in patterns if p is not None and p.search(path)), None)
+            if key is None:
+                continue
+            w = table[key]
+        out[i] = check_imatrix(w, tuple(int(s) for s in leaves[i].shape), path)
+    return out
 
 
 def _is_named_pairs(params: Any) -> bool:
