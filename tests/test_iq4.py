@@ -252,7 +252,7 @@ def test_guards_matter(monkeypatch):
             tree = run(x, w, sequential_sum=lambda t, axis=-1: jnp.sum(t, axis=axis))
             assert mismatching_blocks(tree, guarded, "IQ4_NL") > 0
         else:
-            plain = run(x, w, _divide=lambda c, b: jnp.asarray(c, jnp.float32) / b)
+            plain = run(x, w, exact_div=lambda c, b: jnp.asarray(c, jnp.float32) / b)
             assert mismatching_blocks(plain, guarded, "IQ4_NL") > 0
 
 
