@@ -47,6 +47,7 @@ from .._io.gguf import gguf_name, inspect_gguf, jquant_entries
 from .._io.safetensors import convert_sources, read_sources
 from .._llama.cli import JQUANT_ARCH_NOTE, quantize_llama
 from .._llama.cli import add_arguments as add_llama_arguments
+from .._llama.mixes import DEFAULT_FTYPE
 from .._model.model import quantize_model
 from .._model.report import format_number
 from .example import example_params
@@ -66,7 +67,7 @@ examples:
   jquant quantize model.safetensors -t {_SMALL} -o model-{_SMALL}.gguf
   jquant quantize model.safetensors -t {_SMALL} --rule 'embed|lm_head={_DEFAULT}' --rule 'norm=keep' -o out.gguf
   jquant quantize params.npz -t {_DEFAULT} -o params.gguf --json
-  jquant quantize model-f16.gguf -t Q4_K_M -o model-Q4_K_M.gguf   (llama-quantize's drop-in)
+  jquant quantize model-f16.gguf -t {DEFAULT_FTYPE} -o model-{DEFAULT_FTYPE}.gguf   (llama-quantize's drop-in)
   jquant inspect model-{_SMALL}.gguf
   jquant export hf_model/ -t {_DEFAULT} -o model-{_DEFAULT}.gguf      a model llama.cpp runs (Llama, Gemma 1-3)
   jquant compare model.safetensors model-{_SMALL}.gguf

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import FileFormatError, QuantError
+from .._formats.registry import DEFAULT_FORMAT
 from .._io.safetensors import safetensors_sources
+from .._llama.mixes import DEFAULT_FTYPE
 from .arch import ARCHS
 from .writer import FTYPES, export_gguf, load_config
 
@@ -30,7 +32,8 @@ def add_export_command(command: Callable[[str, str], argparse.ArgumentParser]) -
         "-t",
         "--type",
         default="f16",
-        help=f"llama.cpp ftype: {', '.join(FTYPES)} (default f16); the mixes (q4_k_m...) "
+        help=f"llama.cpp ftype: {', '.join(FTYPES)} (default f16); the mixes "
+        f"({DEFAULT_FTYPE.lower()}...)"
         "as llama-quantize makes them from the f16 export",
     )
     e.add_argument(
@@ -154,7 +157,7 @@ def model_dir_for(safetensors: str | os.PathLike, ftype: str | None) -> Path | N
     folder = p.parent
     if p.suffix != ".safetensors" or not (folder / "config.json").is_file():
         return None
-    if (ftype or "q8_0").lower() not in FTYPES:
+    if (ftype or DEFAULT_FORMAT.name).lower() not in FTYPES:
         return None
     try:
         cfg = load_config(folder / "config.json")

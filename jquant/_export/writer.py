@@ -15,8 +15,8 @@ from .._errors import QuantError
 from .._formats.quant_type import QuantType
 from .._io.gguf_file import Entry, write_gguf
 from .._llama.imatrix import ImportanceMatrix
+from .._llama.mixes import CONVERTER_FTYPES, LlamaModelFacts, MixOptions, choose_types
 from .._llama.mixes import FTYPES as LLAMA_FTYPES
-from .._llama.mixes import LlamaModelFacts, MixOptions, choose_types
 from .._llama.quantize import encode_model_tensor, imatrix_metadata, prepare_imatrix
 from .adapters import SOURCES, to_hf
 from .arch import arch_for, write_hparams
@@ -25,13 +25,6 @@ from .tokenizer import tokenizer_size, write_tokenizer
 
 __all__ = ["CONVERTER_FTYPES", "FTYPES", "export_gguf", "tensor_type"]
 
-# convert_hf_to_gguf.py's --outtype names -> (llama_ftype id, the format of the matrices)
-CONVERTER_FTYPES: dict[str, tuple[int, QuantType]] = {
-    "f32": (0, QuantType.F32),
-    "f16": (1, QuantType.F16),
-    "bf16": (32, QuantType.BF16),
-    "q8_0": (7, QuantType.Q8_0),
-}
 # every ftype export_gguf writes -> its llama_ftype id: the converter's, then the
 # llama-quantize mixes (written as llama-quantize makes them from the f16 file)
 FTYPES: dict[str, int] = {
@@ -65,7 +58,7 @@ def tensor_type(name: str, shape: tuple[int, ...], ftype: str) -> QuantType:
         )
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return QuantType.F32
-    qt = CONVERTER_FTYPES[key][1]
+    qt = QuantType.parse(CONVERTER_FTYPES[key][1])
     if qt.is_block_quantized and shape[-1] % qt.block_size:
         return QuantType.F16
     return qt

@@ -16,8 +16,9 @@ from typing import Any
 
 from .._errors import QuantError, UnknownFormatError
 from .._formats.quant_type import QuantType
+from .._formats.registry import DEFAULT_FORMAT
 from .._io.gguf_file import read_header
-from .mixes import FTYPES, parse_ftype
+from .mixes import DEFAULT_FTYPE, FTYPES, parse_ftype
 
 __all__ = ["JQUANT_ARCH_NOTE", "add_arguments", "quantize_llama"]
 
@@ -44,7 +45,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     """llama-quantize's options, for llama.cpp GGUF inputs."""
     g = q.add_argument_group(
         "llama.cpp GGUF inputs (from convert_hf_to_gguf.py): -t takes llama-quantize's "
-        f"types ({', '.join(FTYPES)}; Q4_K = Q4_K_M) and these options as llama-quantize "
+        f"types ({', '.join(FTYPES)}) and these options as llama-quantize "
         "names them"
     )
     g.add_argument("--pure", action="store_true", help="no k-quant mix: one type for all")
@@ -53,7 +54,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="REGEX=TYPE",
-        help="tensors matching REGEX get TYPE (e.g. attn_v=q8_0); repeatable",
+        help=f"tensors matching REGEX get TYPE (e.g. attn_v={DEFAULT_FORMAT.name.lower()}); repeatable",
     )
     g.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight")
     g.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
@@ -123,7 +124,7 @@ def quantize_llama(
         if _llama_options_given(args):
             raise QuantError("--rule can't be combined with llama-quantize's options")
         return None
-    ftype = parse_ftype(args.type or "Q8_0")
+    ftype = parse_ftype(args.type or DEFAULT_FORMAT.name)
     prog, callback = progress(args.quiet or args.json)
     t0 = time.perf_counter()
     with prog if prog is not None else contextlib.nullcontext():
@@ -149,7 +150,7 @@ def quantize_llama(
             {
                 "input": args.input,
                 "output": args.output,
-                "ftype": args.type or "Q8_0",
+                "ftype": args.type or DEFAULT_FORMAT.name,
                 "file_size": size,
                 "seconds": elapsed,
                 "tensors": [
@@ -165,7 +166,7 @@ def quantize_llama(
             c.print(report.table(f"{args.input} -> {args.output}", errors=False))
         c.print(
             f"wrote {args.output} ({size / 2**20:.1f} MiB, llama.cpp file type "
-            f"{(args.type or 'Q8_0').upper()}, {report.bits_per_weight:.2f} bits/weight) "
+            f"{(args.type or DEFAULT_FORMAT.name).upper()}, {report.bits_per_weight:.2f} bits/weight) "
             f"in {elapsed:.1f} s"
         )
     return 0
@@ -176,7 +177,9 @@ def _pairs(specs: list[str]) -> list[tuple[str, str]]:
     for s in specs:
         pattern, sep, typ = s.partition("=")
         if not sep or not pattern or not typ:
-            raise QuantError(f"--tensor-type {s!r} is not REGEX=TYPE (e.g. attn_v=q8_0)")
+            raise QuantError(
+                f"--tensor-type {s!r} is not REGEX=TYPE (e.g. attn_v={DEFAULT_FORMAT.name.lower()})"
+            )
         out.append((pattern, typ))
     return out
 
@@ -204,5 +207,5 @@ def _explain_non_llama(args: argparse.Namespace) -> None:
             f"the architecture metadata (general.architecture, hyper-parameters, tokenizer) "
             f"that its convert_hf_to_gguf.py writes. Convert the Hugging Face checkpoint with "
             f"it first (python convert_hf_to_gguf.py MODEL_DIR --outtype f16), then run "
-            f"'jquant quantize model-f16.gguf -t {args.type or 'Q4_K_M'} -o out.gguf'"
+            f"'jquant quantize model-f16.gguf -t {args.type or DEFAULT_FTYPE} -o out.gguf'"
         )

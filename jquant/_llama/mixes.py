@@ -21,6 +21,8 @@ from gguf import GGMLQuantizationType as T
 from .._errors import UnknownFormatError
 
 __all__ = [
+    "CONVERTER_FTYPES",
+    "DEFAULT_FTYPE",
     "FTYPES",
     "LlamaModelFacts",
     "MixOptions",
@@ -33,6 +35,18 @@ __all__ = [
     "tensor_category",
     "tensor_type",
 ]
+
+DEFAULT_FTYPE = "Q4_K_M"
+"""The ftype ``convert_gguf`` and ``jquant quantize`` use for llama.cpp files by default."""
+
+# convert_hf_to_gguf.py's --outtype names -> (llama_ftype id, the format of the matrices)
+CONVERTER_FTYPES: dict[str, tuple[int, T]] = {
+    "f32": (0, T.F32),
+    "f16": (1, T.F16),
+    "bf16": (32, T.BF16),
+    "q8_0": (7, T.Q8_0),
+}
+
 
 # llama.cpp's ftype names (tools/quantize QUANT_OPTIONS) -> llama_ftype ids (llama.h),
 # for the ftypes whose tensor types jquant can write.

@@ -31,6 +31,7 @@ from .._io.gguf_file import read_header
 from .._model.report import LeafReport, ModelReport
 from .imatrix import ImportanceMatrix, load_imatrix
 from .mixes import (
+    DEFAULT_FTYPE,
     LlamaModelFacts,
     MixOptions,
     choose_types,
@@ -89,11 +90,24 @@ def _kernel(t: T, weighted: bool) -> Callable[[np.ndarray, np.ndarray | None], A
     return run
 
 
+def takes_weights(ggml_type: Any) -> bool:
+    """Whether llama.cpp passes importance weights to ``ggml_type``'s quantizer.
+
+    The float types and the formats without a weighted search (Q8_0) ignore them, in
+    ggml as in jquant's format table.
+    """
+    t = parse_ggml_type(ggml_type)
+    try:
+        return format_spec(t).supports_imatrix
+    except UnknownFormatError:
+        return False
+
+
 def can_encode(ggml_type: Any, weighted: bool = False) -> bool:
     """Whether :func:`encode_tensor` can write ``ggml_type`` (with importance weights)."""
     t = parse_ggml_type(ggml_type)
     try:
-        _kernel(t, weighted and t not in _FLOATS and t != T.Q8_0)
+        _kernel(t, weighted and takes_weights(t))
     except KernelUnavailableError:
         return False
     return True
@@ -115,7 +129,7 @@ def encode_tensor(x: Any, ggml_type: Any, importance: np.ndarray | None = None) 
         KernelUnavailableError: this jquant has no (weighted) kernel for ``ggml_type``.
     """
     t = parse_ggml_type(ggml_type)
-    weighted = importance is not None and t not in _FLOATS and t != T.Q8_0
+    weighted = importance is not None and takes_weights(t)
     kernel = _kernel(t, weighted)
     x = np.asarray(x)
     if x.dtype.name not in ("float16", "bfloat16", "float32"):
@@ -325,7 +339,7 @@ def imatrix_metadata(
 def convert_gguf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    ftype: str | int = "Q4_K_M",
+    ftype: str | int = DEFAULT_FTYPE,
     *,
     imatrix: ImportanceMatrix | Mapping[str, np.ndarray] | str | os.PathLike | None = None,
     pure: bool = False,
@@ -431,7 +445,7 @@ def convert_gguf(
                     f"(--allow-requantize)"
                 )
             w = None if weights is None else weights.get(p.name)
-            _kernel(p.dst_type, w is not None and p.dst_type not in _FLOATS + (T.Q8_0,))
+            _kernel(p.dst_type, w is not None and takes_weights(p.dst_type))
 
     # llama.cpp sets these last (gguf_set_val_* removes a key and appends it), in this order
     extra = [
@@ -538,7 +552,7 @@ def _options(
 
 def llama_tensor_types(
     src: str | os.PathLike,
-    ftype: str | int = "Q4_K_M",
+    ftype: str | int = DEFAULT_FTYPE,
     *,
     imatrix: bool = False,
     pure: bool = False,
