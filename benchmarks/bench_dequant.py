@@ -1,0 +1,185 @@
+"""Dequantize throughput of every block format vs ``gguf.quants.dequantize``, same run.
+
+    python benchmarks/bench_dequant.py            # 1024 x 4096 values (16 MiB of float32)
+    python benchmarks/bench_dequant.py --quick    # 64 x 4096
+
+For each format the same bytes (random quants, random finite fp16 scales) are decoded by
+gguf (numpy), by ``jquant.dequantize_tensor`` into a fresh array (the default) and by
+``dequantize_tensor(q, out=buf)`` into a reused, donated buffer; every result is compared
+bit for bit with gguf's. Also reported: minor page faults per call (what a fresh output
+costs on CPU) and the memory-bandwidth probes (numpy copy, jitted ``x + 1`` into a new
+and into a donated buffer). Medians of warm calls; the machine is shared, so read the
+same-run ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, md_table, median_time, write_result  # noqa: E402
+
+import jquant  # noqa: E402
+from jquant import QuantType  # noqa: E402
+
+FORMATS = [
+    QuantType.Q8_0,
+    QuantType.Q4_0,
+    QuantType.Q4_1,
+    QuantType.Q5_0,
+    QuantType.Q5_1,
+    QuantType.Q2_K,
+    QuantType.Q3_K,
+    QuantType.Q4_K,
+    QuantType.Q5_K,
+    QuantType.Q6_K,
+    QuantType.IQ4_NL,
+    QuantType.IQ4_XS,
+]
+GIB = 1024**3
+
+
+def random_blocks(qt: QuantType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """GGML bytes ``uint8 [rows, row_bytes]``: random quants, random finite fp16 fields."""
+    spec = qt.spec
+    layout = np.dtype([(f.name, f.dtype, f.shape) for f in spec.fields])
+    assert layout.itemsize == spec.bytes_per_block, qt
+    n_blocks = rows * cols // spec.block_size
+    raw = rng.integers(0, 256, n_blocks * layout.itemsize, dtype=np.uint8)
+    blocks = raw.view(layout)
+    for f in spec.fields:
+        if f.dtype.kind == "f":
+            vals = rng.standard_normal(blocks[f.name].shape) * 0.01
+            blocks[f.name] = vals.astype(f.dtype)
+    return raw.reshape(rows, -1)
+
+
+def median_faults(fn, repeats: int) -> tuple[float, float]:
+    """(median seconds, median minor page faults) of ``fn()`` over ``repeats`` calls."""
+    times, faults = [], []
+    for _ in range(repeats):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return statistics.median(times), statistics.median(faults)
+
+
+def bench_format(qt: QuantType, rows: int, cols: int, repeats: int, rng) -> list[str]:
+    data = random_blocks(qt, rows, cols, rng)
+    ggml_t = gguf.GGMLQuantizationType(qt.ggml_type)
+    q = jquant.QuantizedTensor.from_bytes(data, qt, (rows, cols), np.float32)
+    q = jax.tree_util.tree_map(jax.device_put, q)
+    nbytes = rows * cols * 4
+
+    ref = gguf.quants.dequantize(data, ggml_t)
+    t_g, _ = median_faults(lambda: gguf.quants.dequantize(data, ggml_t), repeats)
+
+    fresh = jquant.dequantize_tensor(q).block_until_ready()
+    t_new, flt_new = median_faults(lambda: jquant.dequantize_tensor(q).block_until_ready(), repeats)
+    buf = [jnp.zeros((rows, cols), jnp.float32)]
+
+    def into():
+        buf[0] = jquant.dequantize_tensor(q, out=buf[0]).block_until_ready()
+
+    into()
+    t_into, flt_into = median_faults(into, repeats)
+
+    def same(a) -> bool:
+        return bool((np.asarray(a).view(np.uint32) == ref.view(np.uint32)).all())
+
+    exact = same(fresh) and same(buf[0])
+    return [
+        qt.name,
+        f"{nbytes / t_g / GIB:.2f}",
+        f"{nbytes / t_new / GIB:.2f}",
+        f"{nbytes / t_into / GIB:.2f}",
+        f"{t_g / t_new:.1f}x",
+        f"**{t_g / t_into:.1f}x**",
+        f"{flt_new:.0f} / {flt_into:.0f}",
+        "yes" if exact else "**NO**",
+    ]
+
+
+def probes(rows: int, cols: int, repeats: int) -> dict[str, float]:
+    x_np = np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32)
+    nbytes = x_np.nbytes
+    dst = np.empty_like(x_np)
+    out = {"numpy copy into a reused array": nbytes / median_time(lambda: np.copyto(dst, x_np))}
+    x = jnp.asarray(x_np)
+    add = jax.jit(lambda a: a + jnp.float32(1))
+    add(x).block_until_ready()
+    out["jitted x + 1, new output"] = nbytes / median_time(
+        lambda: add(x).block_until_ready(), repeats=repeats
+    )
+    add_into = jax.jit(lambda a, o: a + jnp.float32(1), donate_argnums=1, keep_unused=True)
+    buf = [jnp.zeros_like(x)]
+
+    def into():
+        buf[0] = add_into(x, buf[0]).block_until_ready()
+
+    into()
+    out["jitted x + 1, donated output"] = nbytes / median_time(into, repeats=repeats)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="64 x 4096 instead of 1024 x 4096")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--only", nargs="*", help="format names")
+    args = ap.parse_args(argv)
+    rows, cols = (64, 4096) if args.quick else (1024, 4096)
+    rng = np.random.default_rng(0)
+    formats = [f for f in FORMATS if not args.only or f.name.lower() in map(str.lower, args.only)]
+    probe = probes(rows, cols, args.repeats)
+    for k, v in probe.items():
+        print(f"{k}: {v / GIB:.2f} GiB/s", flush=True)
+    table = []
+    for qt in formats:
+        table.append(bench_format(qt, rows, cols, args.repeats, rng))
+        print(" | ".join(table[-1]), flush=True)
+    headers = [
+        "format",
+        "gguf GiB/s",
+        "jquant, new output GiB/s",
+        "jquant, out= GiB/s",
+        "speed-up, new output",
+        "speed-up, out=",
+        "page faults per call (new / out=)",
+        "bit-equal to gguf",
+    ]
+    probe_lines = "\n".join(f"- {k}: {v / GIB:.2f} GiB/s" for k, v in probe.items())
+    md = f"""## Dequantize: every block format, {rows} x {cols} (float32 output {rows * cols * 4 >> 20} MiB)
+
+Machine: {machine()}; load average {" ".join(f"{v:.1f}" for v in __import__("os").getloadavg())} at the end of the run.
+
+Same bytes for all three decoders (random quants, random finite fp16 scales); median of
+{args.repeats} warm calls, output float32 GiB/s. *new output* is `dequantize_tensor(q)` (a
+fresh array per call, as `gguf.quants.dequantize` makes); *out=* is
+`dequantize_tensor(q, out=buf)` writing into the previous result's memory (donated).
+Speed-ups are same-run ratios against gguf. Page faults are minor faults per call (4 KiB
+pages; {rows * cols * 4 // 4096} for a fully fresh output). Memory-bandwidth probes, same run:
+{probe_lines}
+
+{md_table(headers, table)}
+"""
+    path = write_result("dequant_quick" if args.quick else "dequant", md)
+    print(md)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
