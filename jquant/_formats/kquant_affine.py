@@ -225,10 +225,19 @@ def quantize_q5_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
 
 
 def _dequantize_k_affine(d, dmin, sc, m, q):
-    """``d*sc * q - dmin*m`` per sub-block, as gguf's numpy rounds it."""
-    dl = (d.astype(_F32)[..., None] * sc.astype(_F32))[..., None]
-    ml = (dmin.astype(_F32)[..., None] * m.astype(_F32))[..., None]
-    y = no_fma(dl * q.astype(_F32)) - ml
+    """``d*sc * q - dmin*m`` per sub-block, as gguf's numpy rounds it.
+
+    Every product is exact in float32 (an fp16 scale has 11 significant bits, ``sc`` and
+    ``m`` at most 6, ``q`` at most 5), so only the subtraction rounds and a fused
+    multiply-add gives the same bits: no :func:`no_fma` guard is needed here. The
+    per-sub-block scales are stored once (:func:`materialize`); fused into the
+    256-wide output loop, XLA would unpack them again for every value.
+    """
+    dl = d.astype(_F32)[..., None] * sc.astype(_F32)
+    ml = dmin.astype(_F32)[..., None] * m.astype(_F32)
+    if dl.size:
+        dl, ml = materialize(dl, ml)
+    y = dl[..., None] * q.astype(_F32) - ml[..., None]
     return y.reshape(*y.shape[:-2], QK_K)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .guards import exact_div, nearest_int, no_fma, sequential_sum
+from .kquant_search import materialize
 from .symmetric_search import first_absmax, fusion_barrier, make_q3_quants, make_qx_quants
 
 __all__ = [
@@ -178,6 +179,8 @@ def dequantize_q6_k(fields: dict[str, jax.Array]) -> jax.Array:
     qh = (_planes(qh.reshape(*batch, 2, 32), (0, 2, 4, 6)) & 0x03).reshape(*batch, 2, 4, 32)
     q = ((ql | (qh << 4)).astype(jnp.int32) - 32).astype(jnp.float32)
     d = fields["d"].astype(jnp.float32)[..., None] * fields["scales"].astype(jnp.float32)
+    if d.size:  # the 16 group scales once, not again for each of their 16 values
+        (d,) = materialize(d)
     return (d[..., None] * q.reshape(*batch, _N_GROUPS, _GROUP)).reshape(*batch, QK_K)
 
 
@@ -265,6 +268,8 @@ def dequantize_q3_k(fields: dict[str, jax.Array]) -> jax.Array:
     hi = _planes(scales[..., 8:], (0, 2, 4, 6)).reshape(*batch, 16) & 0x03
     sc = ((lo | (hi << 4)).astype(jnp.int32) - 32).astype(jnp.float32)
     dl = fields["d"].astype(jnp.float32)[..., None] * sc
+    if dl.size:  # the 16 group scales once, not again for each of their 16 values
+        (dl,) = materialize(dl)
     ql = (_planes(qs.reshape(*batch, 2, 32), (0, 2, 4, 6)) & 3).reshape(*batch, 16, 16)
     qh = ((_planes(hmask, tuple(range(8))) & 1) ^ 1).reshape(*batch, 16, 16)
     q = (ql.astype(jnp.int32) - (qh.astype(jnp.int32) << 2)).astype(jnp.float32)
