@@ -172,16 +172,30 @@ def _q6_k_blocks(xb: jax.Array, wb: jax.Array | None) -> dict[str, jax.Array]:
 
 
 def dequantize_q6_k(fields: dict[str, jax.Array]) -> jax.Array:
-    """float32 ``[..., n_blocks, 256]`` from Q6_K fields, as ``gguf.quants.dequantize``."""
+    """float32 ``[..., n_blocks, 256]`` from Q6_K fields, as ``gguf.quants.dequantize``.
+
+    The bits are unpacked in int32 (XLA:CPU vectorises uint8 shifts of a broadcast
+    shift amount poorly) and the 16 group scales stored once, not again per value.
+    """
     ql, qh = fields["ql"], fields["qh"]
     batch = ql.shape[:-1]
-    ql = (_planes(ql.reshape(*batch, 2, 64), (0, 4)) & 0x0F).reshape(*batch, 2, 4, 32)
-    qh = (_planes(qh.reshape(*batch, 2, 32), (0, 2, 4, 6)) & 0x03).reshape(*batch, 2, 4, 32)
-    q = ((ql | (qh << 4)).astype(jnp.int32) - 32).astype(jnp.float32)
+    # ql: [half of the block, shift 0/4, 32-byte half, 32]; qh: [half, shift 0/2/4/6, 32]
+    ql = ql.astype(jnp.int32).reshape(*batch, 2, 1, 2, 32)
+    lo = (ql >> _int_shifts((0, 4), ql.ndim, 2)) & 0x0F
+    qh = qh.astype(jnp.int32).reshape(*batch, 2, 1, 32)
+    hi = (qh >> _int_shifts((0, 2, 4, 6), qh.ndim, 1)) & 0x03
+    q = ((lo.reshape(*batch, 2, 4, 32) | (hi << 4)) - 32).astype(jnp.float32)
     d = fields["d"].astype(jnp.float32)[..., None] * fields["scales"].astype(jnp.float32)
-    if d.size:  # the 16 group scales once, not again for each of their 16 values
+    if d.size:
         (d,) = materialize(d)
-    return (d[..., None] * q.reshape(*batch, _N_GROUPS, _GROUP)).reshape(*batch, QK_K)
+    y = d.reshape(*batch, 2, 4, 2, 1) * q.reshape(*batch, 2, 4, 2, _GROUP)
+    return y.reshape(*batch, QK_K)
+
+
+def _int_shifts(shifts: tuple[int, ...], ndim: int, trailing: int) -> jax.Array:
+    """int32 ``shifts`` on axis ``-1 - trailing`` of an ``ndim``-axis array, size 1 elsewhere."""
+    shape = (1,) * (ndim - 1 - trailing) + (len(shifts),) + (1,) * trailing
+    return jnp.array(shifts, jnp.int32).reshape(shape)
 
 
 def _planes(a: jax.Array, shifts: tuple[int, ...]) -> jax.Array:
