@@ -319,8 +319,9 @@ def dequantize_tensor(q: QuantizedTensor, dtype: Any = None, *, out: Any = None)
     operating system mapping new pages; passing ``out``, an array you no longer need
     with the result's shape and dtype (e.g. the previous result in a loop over layers),
     makes XLA write the result into that memory instead, several times faster.
-    ``out`` is donated: don't use it afterwards, use the returned array. Under ``jit``
-    ``out`` is ignored (XLA places intermediates itself).
+    ``out`` is donated: don't use it afterwards, use the returned array. While a numpy
+    view of ``out`` (``np.asarray(out)``) is alive, XLA can't reuse its memory and
+    allocates afresh. Under ``jit`` ``out`` is ignored (XLA places intermediates itself).
 
     Example:
         >>> import jax.numpy as jnp, jquant
