@@ -46,6 +46,7 @@ FORMATS = [
     QuantType.IQ4_NL,
     QuantType.IQ4_XS,
 ]
+MODEL_FORMATS = [QuantType.Q8_0, QuantType.Q4_0, QuantType.Q4_K, QuantType.Q6_K]
 GIB = 1024**3
 
 
@@ -112,6 +113,47 @@ def bench_format(qt: QuantType, rows: int, cols: int, repeats: int, rng) -> list
     ]
 
 
+def bench_model(qt: QuantType, n_tensors: int, rows: int, cols: int, repeats: int, rng):
+    """A model of ``n_tensors`` tensors: gguf loop vs dequantize_model, fresh and out=."""
+    datas = [random_blocks(qt, rows, cols, rng) for _ in range(n_tensors)]
+    ggml_t = gguf.GGMLQuantizationType(qt.ggml_type)
+    qp = {
+        f"w{i}": jax.tree_util.tree_map(
+            jax.device_put, jquant.QuantizedTensor.from_bytes(d, qt, (rows, cols))
+        )
+        for i, d in enumerate(datas)
+    }
+    nbytes = n_tensors * rows * cols * 4
+    held: list = [None]
+
+    def gguf_loop():
+        held[0] = None  # the previous model is dropped, as in a reload
+        held[0] = [gguf.quants.dequantize(d, ggml_t) for d in datas]
+
+    def fresh():
+        held[0] = None
+        held[0] = jax.block_until_ready(jquant.dequantize_model(qp))
+
+    def into():
+        held[0] = jax.block_until_ready(jquant.dequantize_model(qp, out=held[0]))
+
+    gguf_loop()
+    t_g, f_g = median_faults(gguf_loop, repeats)
+    fresh()
+    t_new, f_new = median_faults(fresh, repeats)
+    into()
+    t_into, f_into = median_faults(into, repeats)
+    return [
+        qt.name,
+        f"{nbytes / t_g / GIB:.2f}",
+        f"{nbytes / t_new / GIB:.2f}",
+        f"{nbytes / t_into / GIB:.2f}",
+        f"{t_g / t_new:.1f}x",
+        f"**{t_g / t_into:.1f}x**",
+        f"{f_g:.0f} / {f_new:.0f} / {f_into:.0f}",
+    ]
+
+
 def probes(rows: int, cols: int, repeats: int) -> dict[str, float]:
     x_np = np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32)
     nbytes = x_np.nbytes
@@ -150,6 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     for qt in formats:
         table.append(bench_format(qt, rows, cols, args.repeats, rng))
         print(" | ".join(table[-1]), flush=True)
+    model_rows = []
+    n_tensors = 8
+    for qt in [f for f in MODEL_FORMATS if f in formats]:
+        model_rows.append(bench_model(qt, n_tensors, rows, cols, max(3, args.repeats // 2), rng))
+        print(" | ".join(model_rows[-1]), flush=True)
+    model_headers = [
+        "format",
+        "gguf loop GiB/s",
+        "dequantize_model GiB/s",
+        "dequantize_model(out=) GiB/s",
+        "speed-up",
+        "speed-up, out=",
+        "page faults per call (gguf / new / out=)",
+    ]
     headers = [
         "format",
         "gguf GiB/s",
@@ -174,6 +230,12 @@ pages; {rows * cols * 4 // 4096} for a fully fresh output). Memory-bandwidth pro
 {probe_lines}
 
 {md_table(headers, table)}
+
+Whole model: {n_tensors} tensors of {rows} x {cols}, the previous result dropped before each
+call (as when a model is reloaded); `gguf.quants.dequantize` per tensor vs
+`jquant.dequantize_model(qp)` vs `jquant.dequantize_model(qp, out=previous)`:
+
+{md_table(model_headers, model_rows)}
 """
     path = write_result("dequant_quick" if args.quick else "dequant", md)
     print(md)
