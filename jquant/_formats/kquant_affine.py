@@ -235,8 +235,8 @@ def _dequantize_k_affine(d, dmin, sc, m, q):
     """
     dl = d.astype(_F32)[..., None] * sc.astype(_F32)
     ml = dmin.astype(_F32)[..., None] * m.astype(_F32)
-    if dl.size:
-        dl, ml = materialize(dl, ml)
+    if dl.size:  # stored, with the quants: the scaling pass is then simple and vectorises
+        dl, ml, q = materialize(dl, ml, q.astype(jnp.uint8))
     y = dl[..., None] * q.astype(_F32) - ml[..., None]
     return y.reshape(*y.shape[:-2], QK_K)
 
@@ -316,8 +316,9 @@ def quantize_q2_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
 
 def dequantize_q2_k(fields: dict[str, jax.Array]) -> jax.Array:
     """float32 ``[..., n_blocks, 256]``, bit for bit ``gguf.quants.dequantize``."""
-    qs = fields["qs"].reshape(*fields["qs"].shape[:-1], 2, 1, 32)
-    q = (qs >> _shifts([0, 2, 4, 6], jnp.uint8, qs.ndim)) & 3
+    # unpacked in int32: XLA:CPU vectorises uint8 shifts by a broadcast amount poorly
+    qs = fields["qs"].astype(jnp.int32).reshape(*fields["qs"].shape[:-1], 2, 1, 32)
+    q = (qs >> _shifts([0, 2, 4, 6], jnp.int32, qs.ndim)) & 3
     q = q.reshape(*q.shape[:-3], 16, 16)
     sc = fields["scales"]
     return _dequantize_k_affine(fields["d"], fields["dmin"], sc & 0xF, sc >> 4, q)
