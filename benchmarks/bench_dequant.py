@@ -249,6 +249,24 @@ call (as when a model is reloaded); `gguf.quants.dequantize` per tensor vs
 `jquant.dequantize_model(qp)` vs `jquant.dequantize_model(qp, out=previous)`:
 
 {md_table(model_headers, model_rows)}
+
+Why, and what was done:
+- A fresh XLA:CPU output costs one minor page fault per 4 KiB page (4096 for 16 MiB,
+  15-25 ms on this VM, about 1 GiB/s) whenever XLA's allocator hands out memory the
+  operating system has to map again; it does so for some calls and not others, so the
+  *new output* column swings between page-fault speed and full speed from run to run.
+  `gguf.quants` gets recycled memory from glibc and rarely faults in a loop.
+- `dequantize_tensor(q, out=buf)` / `dequantize_model(qp, out=previous)` donate the
+  earlier result: XLA writes into its pages (0 faults in every row above). The jitted
+  function must keep the unused buffer (`keep_unused=True`): jit prunes an unused
+  argument, and its donation with it (the first attempt here got fresh buffers).
+- Under `jit` (inference: `model.apply(dequantize_model(qp), x)` or `jquant.dot`) the
+  dequantized weights are XLA temporaries: measured 0 page faults per call.
+- Kernels: the K-quant and IQ4_XS dequantizers unpacked their 6-bit scales again for
+  every value (XLA fuses a producer into each consumer); the scales, and for the K-quants
+  the unpacked int8 quants, are now stored once (`materialize`) and scaled in a second
+  simple pass (Q4_K from 0.25 to 3-12 GiB/s, Q6_K about 4x in a same-run A/B); bits
+  are unpacked in int32 (uint8 shifts by a broadcast amount vectorise poorly).
 """
     path = write_result("dequant_quick" if args.quick else "dequant", md)
     print(md)
