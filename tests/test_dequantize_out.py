@@ -108,3 +108,14 @@ def test_dequantize_model_into_an_earlier_result():
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again), want)
     with pytest.raises(ShapeError, match="structure"):
         jquant.dequantize_model(qp, out={"a": again["a"]})
+
+
+def test_reusing_out_in_a_loop_compiles_once():
+    from jquant._core.quantize import _dequantize_into_jit
+
+    q = jquant.quantize_tensor(jax.random.normal(jax.random.key(3), (16, 96)), "q5_1")
+    y = jquant.dequantize_tensor(q, out=jnp.zeros((16, 96), jnp.float32))
+    before = _dequantize_into_jit._cache_size()
+    for _ in range(3):
+        y = jquant.dequantize_tensor(q, out=y)
+    assert _dequantize_into_jit._cache_size() == before
