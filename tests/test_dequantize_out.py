@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 import jquant
 from jquant import QuantType, ShapeError
@@ -119,3 +120,26 @@ def test_reusing_out_in_a_loop_compiles_once():
     for _ in range(3):
         y = jquant.dequantize_tensor(q, out=y)
     assert _dequantize_into_jit._cache_size() == before
+
+
+@pytest.mark.parametrize("qt", ["q4_k", "q6_k", "q3_k", "iq4_xs"])
+def test_sharded_decode_gathers_nothing(qt):
+    # the decoders store their scales once (decode.store_once); that must stay shard-local
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jquant._core.quantize import dequantize_leaves
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    # Auto axes, as the sharded engine (jquant._model.sharding) runs the decoders
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    q = jquant.quantize_tensor(jax.random.normal(jax.random.key(4), (16, 1024)), qt)
+    leaves = {
+        k: jax.device_put(v, NamedSharding(mesh, P("data", "model"))) for k, v in q.leaves().items()
+    }
+    fn = jax.jit(lambda lv: dequantize_leaves(lv, q.qtype, q.shape, np.dtype(np.float32)))
+    hlo = fn.lower(leaves).compile().as_text()
+    for op in ("all-gather", "all-to-all", "collective-permute"):
+        assert op not in hlo, op
+    np.testing.assert_array_equal(np.asarray(fn(leaves)), np.asarray(jquant.dequantize_tensor(q)))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .decode import store_once
 from .guards import nearest_int, no_fma
 from .kquant_search import (
     div,
@@ -230,13 +231,13 @@ def _dequantize_k_affine(d, dmin, sc, m, q):
     Every product is exact in float32 (an fp16 scale has 11 significant bits, ``sc`` and
     ``m`` at most 6, ``q`` at most 5), so only the subtraction rounds and a fused
     multiply-add gives the same bits: no :func:`no_fma` guard is needed here. The
-    per-sub-block scales are stored once (:func:`materialize`); fused into the
+    per-sub-block scales are stored once (:func:`store_once`); fused into the
     256-wide output loop, XLA would unpack them again for every value.
     """
     dl = d.astype(_F32)[..., None] * sc.astype(_F32)
     ml = dmin.astype(_F32)[..., None] * m.astype(_F32)
-    if dl.size:  # stored, with the quants: the scaling pass is then simple and vectorises
-        dl, ml, q = materialize(dl, ml, q.astype(jnp.uint8))
+    # stored, with the quants: the scaling pass is then simple and vectorises
+    dl, ml, q = store_once(dl, ml, q.astype(jnp.uint8))
     y = dl[..., None] * q.astype(_F32) - ml[..., None]
     return y.reshape(*y.shape[:-2], QK_K)
 

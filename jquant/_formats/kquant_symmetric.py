@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .decode import store_once
 from .guards import exact_div, nearest_int, no_fma, sequential_sum
-from .kquant_search import materialize
 from .symmetric_search import first_absmax, fusion_barrier, make_q3_quants, make_qx_quants
 
 __all__ = [
@@ -188,8 +188,7 @@ def dequantize_q6_k(fields: dict[str, jax.Array]) -> jax.Array:
     hi = (qh >> _int_shifts((0, 2, 4, 6), qh.ndim, 1)) & 0x03
     q = ((lo.reshape(*batch, 2, 4, 32) | (hi << 4)) - 32).astype(jnp.int8)
     d = fields["d"].astype(jnp.float32)[..., None] * fields["scales"].astype(jnp.float32)
-    if d.size:
-        d, q = materialize(d, q)
+    d, q = store_once(d, q)
     y = d.reshape(*batch, 2, 4, 2, 1) * q.astype(jnp.float32).reshape(*batch, 2, 4, 2, _GROUP)
     return y.reshape(*batch, QK_K)
 
@@ -290,8 +289,7 @@ def dequantize_q3_k(fields: dict[str, jax.Array]) -> jax.Array:
     hm = hmask.astype(jnp.int32)[..., None, :]
     qh = (((hm >> _int_shifts(tuple(range(8)), hm.ndim, 1)) & 1) ^ 1).reshape(*batch, 16, 16)
     q = (ql - (qh << 2)).astype(jnp.int8)
-    if dl.size:  # scales and int8 quants stored, then scaled in a second, simple pass
-        dl, q = materialize(dl, q)
+    dl, q = store_once(dl, q)  # then scaled in a second, simple pass
     return (dl[..., None] * q.astype(jnp.float32)).reshape(*batch, QK_K)
 
 
