@@ -28,6 +28,7 @@ __all__ = [
     "check_dtype",
     "check_float32_range",
     "check_imatrix",
+    "check_out",
     "dequantize_leaves",
     "dequantize_tensor",
     "quantize_tensor",
@@ -317,11 +318,44 @@ def dequantize_leaves(leaves, qtype: QuantType, shape, dtype) -> jax.Array:
     return vals.reshape(*extra, *shape).astype(dtype)
 
 
-def dequantize_tensor(q: QuantizedTensor, dtype: Any = None) -> jax.Array:
+@functools.partial(
+    jax.jit,
+    static_argnames=("qtype", "shape", "dtype"),
+    donate_argnames=("out",),
+    keep_unused=True,  # an unused argument is pruned, and its donation with it
+)
+def _dequantize_into_jit(leaves, out, *, qtype: QuantType, shape, dtype):
+    # ``out`` is only donated: XLA writes the result into its memory (same shape and
+    # dtype), so no fresh buffer is allocated (and page-faulted) for the output.
+    del out
+    return dequantize_leaves(leaves, qtype, shape, dtype)
+
+
+def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, name: str = "out") -> None:
+    """Raise unless ``out`` is a ``jax.Array`` of ``shape`` and ``dtype`` (a reusable buffer)."""
+    if not isinstance(out, jax.Array):
+        raise TypeError(f"{name} must be a jax.Array to write into, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or np.dtype(out.dtype) != dtype:
+        raise ShapeError(
+            f"{name} has shape {tuple(out.shape)} and dtype {np.dtype(out.dtype).name}; the "
+            f"dequantized tensor is {tuple(shape)} {dtype.name}. Pass a buffer of that shape "
+            f"and dtype (e.g. an earlier result you no longer need), or out=None"
+        )
+
+
+def dequantize_tensor(q: QuantizedTensor, dtype: Any = None, *, out: Any = None) -> jax.Array:
     """Turn a :class:`QuantizedTensor` back into an array of its original shape.
 
     Byte-exact with ``gguf.quants.dequantize`` (float32), then cast to ``dtype``,
-    which defaults to the dtype the tensor was quantized from.
+    which defaults to the dtype the tensor was quantized from (or ``out``'s dtype).
+
+    On CPU the cost of writing the result into a freshly allocated array is mostly the
+    operating system mapping new pages; passing ``out``, an array you no longer need
+    with the result's shape and dtype (e.g. the previous result in a loop over layers),
+    makes XLA write the result into that memory instead, several times faster.
+    ``out`` is donated: don't use it afterwards, use the returned array. While a numpy
+    view of ``out`` (``np.asarray(out)``) is alive, XLA can't reuse its memory and
+    allocates afresh. Under ``jit`` ``out`` is ignored (XLA places intermediates itself).
 
     Example:
         >>> import jax.numpy as jnp, jquant
@@ -329,8 +363,22 @@ def dequantize_tensor(q: QuantizedTensor, dtype: Any = None) -> jax.Array:
         >>> y = jquant.dequantize_tensor(q)
         >>> y.shape, y.dtype
         ((3, 40), dtype(bfloat16))
+        >>> y = jquant.dequantize_tensor(q, out=y)  # reuses y's memory; the old y is gone
+        >>> y.shape, y.dtype
+        ((3, 40), dtype(bfloat16))
+
+    Raises:
+        TypeError: ``q`` is not a QuantizedTensor, or ``out`` not a ``jax.Array``.
+        ShapeError: ``out`` has another shape or dtype than the result.
     """
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"dequantize_tensor expects a QuantizedTensor, got {type(q).__name__}")
+    if dtype is None and out is not None and hasattr(out, "dtype"):
+        dtype = out.dtype
     out_dtype = np.dtype(dtype) if dtype is not None else q.dtype
-    return _dequantize_jit(q.leaves(), qtype=q.qtype, shape=q.shape, dtype=out_dtype)
+    leaves = q.leaves()
+    traced = any(isinstance(v, jax.core.Tracer) for v in leaves.values())
+    if out is None or traced or isinstance(out, jax.core.Tracer):
+        return _dequantize_jit(leaves, qtype=q.qtype, shape=q.shape, dtype=out_dtype)
+    check_out(out, q.shape, out_dtype)
+    return _dequantize_into_jit(leaves, out, qtype=q.qtype, shape=q.shape, dtype=out_dtype)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .decode import store_once
 from .guards import exact_div, nearest_int, no_fma, sequential_sum
 
 __all__ = [
@@ -360,6 +361,7 @@ def dequantize_iq4_xs(fields: dict[str, jax.Array]) -> jax.Array:
     hi = (sh >> shifts) & 3
     ls = lo.astype(jnp.int32) | (hi.astype(jnp.int32) << 4)
     dl = d[..., None] * (ls - 32).astype(jnp.float32)  # [..., 8]
+    (dl,) = store_once(dl)  # the 8 group scales once, not again for each of their 32 values
     qs = fields["qs"].reshape(*fields["qs"].shape[:-1], 8, 16)
     q = _grid_values(_unpack_nibbles(qs))  # [..., 8, 32]
     y = dl[..., None] * q

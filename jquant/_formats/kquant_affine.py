@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .decode import store_once
 from .guards import exact_div, nearest_int, no_fma
 from .kquant_search import (
     long_sum_from_zero,
@@ -229,10 +230,19 @@ def quantize_q5_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
 
 
 def _dequantize_k_affine(d, dmin, sc, m, q):
-    """``d*sc * q - dmin*m`` per sub-block, as gguf's numpy rounds it."""
-    dl = (d.astype(_F32)[..., None] * sc.astype(_F32))[..., None]
-    ml = (dmin.astype(_F32)[..., None] * m.astype(_F32))[..., None]
-    y = no_fma(dl * q.astype(_F32)) - ml
+    """``d*sc * q - dmin*m`` per sub-block, as gguf's numpy rounds it.
+
+    Every product is exact in float32 (an fp16 scale has 11 significant bits, ``sc`` and
+    ``m`` at most 6, ``q`` at most 5), so only the subtraction rounds and a fused
+    multiply-add gives the same bits: no :func:`no_fma` guard is needed here. The
+    per-sub-block scales are stored once (:func:`store_once`); fused into the
+    256-wide output loop, XLA would unpack them again for every value.
+    """
+    dl = d.astype(_F32)[..., None] * sc.astype(_F32)
+    ml = dmin.astype(_F32)[..., None] * m.astype(_F32)
+    # stored, with the quants: the scaling pass is then simple and vectorises
+    dl, ml, q = store_once(dl, ml, q.astype(jnp.uint8))
+    y = dl[..., None] * q.astype(_F32) - ml[..., None]
     return y.reshape(*y.shape[:-2], QK_K)
 
 
@@ -311,8 +321,9 @@ def quantize_q2_k(x: jax.Array, qw: jax.Array | None = None) -> dict[str, jax.Ar
 
 def dequantize_q2_k(fields: dict[str, jax.Array]) -> jax.Array:
     """float32 ``[..., n_blocks, 256]``, bit for bit ``gguf.quants.dequantize``."""
-    qs = fields["qs"].reshape(*fields["qs"].shape[:-1], 2, 1, 32)
-    q = (qs >> _shifts([0, 2, 4, 6], jnp.uint8, qs.ndim)) & 3
+    # unpacked in int32: XLA:CPU vectorises uint8 shifts by a broadcast amount poorly
+    qs = fields["qs"].astype(jnp.int32).reshape(*fields["qs"].shape[:-1], 2, 1, 32)
+    q = (qs >> _shifts([0, 2, 4, 6], jnp.int32, qs.ndim)) & 3
     q = q.reshape(*q.shape[:-3], 16, 16)
     sc = fields["scales"]
     return _dequantize_k_affine(fields["d"], fields["dmin"], sc & 0xF, sc >> 4, q)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .decode import store_once
 from .guards import exact_div, nearest_int, no_fma, sequential_sum
 from .symmetric_search import (
     first_absmax,
@@ -177,14 +178,31 @@ def _q6_k_blocks(xb: jax.Array, wb: jax.Array | None) -> dict[str, jax.Array]:
 
 
 def dequantize_q6_k(fields: dict[str, jax.Array]) -> jax.Array:
-    """float32 ``[..., n_blocks, 256]`` from Q6_K fields, as ``gguf.quants.dequantize``."""
+    """float32 ``[..., n_blocks, 256]`` from Q6_K fields, as ``gguf.quants.dequantize``.
+
+    Two passes: the bits are unpacked in int32 (XLA:CPU vectorises uint8 shifts of a
+    broadcast shift amount poorly) into stored int8 quants, then scaled. One fused pass
+    is about 4x slower on CPU (the unpacking's odd layout keeps the float multiply from
+    vectorising); the 16 group scales are stored once, not again per value.
+    """
     ql, qh = fields["ql"], fields["qh"]
     batch = ql.shape[:-1]
-    ql = (_planes(ql.reshape(*batch, 2, 64), (0, 4)) & 0x0F).reshape(*batch, 2, 4, 32)
-    qh = (_planes(qh.reshape(*batch, 2, 32), (0, 2, 4, 6)) & 0x03).reshape(*batch, 2, 4, 32)
-    q = ((ql | (qh << 4)).astype(jnp.int32) - 32).astype(jnp.float32)
+    # ql: [half of the block, shift 0/4, 32-byte half, 32]; qh: [half, shift 0/2/4/6, 32]
+    ql = ql.astype(jnp.int32).reshape(*batch, 2, 1, 2, 32)
+    lo = (ql >> _int_shifts((0, 4), ql.ndim, 2)) & 0x0F
+    qh = qh.astype(jnp.int32).reshape(*batch, 2, 1, 32)
+    hi = (qh >> _int_shifts((0, 2, 4, 6), qh.ndim, 1)) & 0x03
+    q = ((lo.reshape(*batch, 2, 4, 32) | (hi << 4)) - 32).astype(jnp.int8)
     d = fields["d"].astype(jnp.float32)[..., None] * fields["scales"].astype(jnp.float32)
-    return (d[..., None] * q.reshape(*batch, _N_GROUPS, _GROUP)).reshape(*batch, QK_K)
+    d, q = store_once(d, q)
+    y = d.reshape(*batch, 2, 4, 2, 1) * q.astype(jnp.float32).reshape(*batch, 2, 4, 2, _GROUP)
+    return y.reshape(*batch, QK_K)
+
+
+def _int_shifts(shifts: tuple[int, ...], ndim: int, trailing: int) -> jax.Array:
+    """int32 ``shifts`` on axis ``-1 - trailing`` of an ``ndim``-axis array, size 1 elsewhere."""
+    shape = (1,) * (ndim - 1 - trailing) + (len(shifts),) + (1,) * trailing
+    return jnp.array(shifts, jnp.int32).reshape(shape)
 
 
 def _planes(a: jax.Array, shifts: tuple[int, ...]) -> jax.Array:
@@ -271,10 +289,14 @@ def dequantize_q3_k(fields: dict[str, jax.Array]) -> jax.Array:
     hi = _planes(scales[..., 8:], (0, 2, 4, 6)).reshape(*batch, 16) & 0x03
     sc = ((lo | (hi << 4)).astype(jnp.int32) - 32).astype(jnp.float32)
     dl = fields["d"].astype(jnp.float32)[..., None] * sc
-    ql = (_planes(qs.reshape(*batch, 2, 32), (0, 2, 4, 6)) & 3).reshape(*batch, 16, 16)
-    qh = ((_planes(hmask, tuple(range(8))) & 1) ^ 1).reshape(*batch, 16, 16)
-    q = (ql.astype(jnp.int32) - (qh.astype(jnp.int32) << 2)).astype(jnp.float32)
-    return (dl[..., None] * q).reshape(*batch, QK_K)
+    # the quants unpacked in int32 (uint8 shifts by a broadcast amount vectorise poorly)
+    qs = qs.astype(jnp.int32).reshape(*batch, 2, 1, 32)
+    ql = ((qs >> _int_shifts((0, 2, 4, 6), qs.ndim, 1)) & 3).reshape(*batch, 16, 16)
+    hm = hmask.astype(jnp.int32)[..., None, :]
+    qh = (((hm >> _int_shifts(tuple(range(8)), hm.ndim, 1)) & 1) ^ 1).reshape(*batch, 16, 16)
+    q = (ql - (qh << 2)).astype(jnp.int8)
+    dl, q = store_once(dl, q)  # then scaled in a second, simple pass
+    return (dl[..., None] * q.astype(jnp.float32)).reshape(*batch, QK_K)
 
 
 def _weighted_legacy(x: jax.Array, qw: jax.Array, nmax: int):
