@@ -19,7 +19,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ["kernels_cpu", "kernels_gpu", "model", "convert", "calibration", "dot", "accuracy"]
+ORDER = [
+    "kernels_cpu",
+    "kernels_gpu",
+    "kquant_speed",
+    "soak",
+    "dequant",
+    "model",
+    "convert",
+    "calibration",
+    "dot",
+    "accuracy",
+    "quality",
+]
 
 
 def scripts() -> list[Path]:

@@ -157,10 +157,18 @@ def main() -> None:
                 ]
             )
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    print(f"Soak vs libggml ggml_quantize_chunk, seed {args.seed}; {machine()}\n")
     headers = ["format", "imatrix", "mismatching blocks / total"]
     headers += ["first call s", "jquant s (rest)", "ggml s (all)"]
-    print(md_table(headers, rows))
+    text = (
+        f"## Soak: random blocks vs libggml's ggml_quantize_chunk\n\n"
+        f"`python benchmarks/soak_ggml.py --blocks {args.blocks}` (seed {args.seed}, rows of "
+        f"{args.cols}); {machine()}. Mixed distributions, row scales 1e-5..1e3, outlier "
+        f"columns, .5 ties, zero and constant blocks; a fresh random importance matrix (with "
+        f"zeros) per chunk in the weighted mode.\n\n{md_table(headers, rows)}\n"
+    )
+    print(text)
+    if not args.formats:  # a full run replaces the results section
+        (Path(__file__).parent / "results" / "soak.md").write_text(text)
 
 
 if __name__ == "__main__":
