@@ -148,3 +148,31 @@ def test_optimise_under_jit_and_padding():
     d = np.asarray(jquant.dequantize_tensor(jquant.quantize_tensor(x, "Q4_0")))
     assert y.shape == x.shape
     assert ((y - np.asarray(x)) ** 2).sum() < ((d - np.asarray(x)) ** 2).sum()
+
+
+def test_quantize_model_gives_quantize_tensor_bytes():
+    x = _data()
+    params = {"a": x, "b": x[:3, :256] * 2.0, "bias": x[0]}
+    qp = jquant.quantize_model(params, {"a": "q4_k", ".*": "q4_0"}, min_size=0, optimize=True)
+    for k, fmt in (("a", "Q4_K"), ("b", "Q4_0")):
+        want = jquant.quantize_tensor(params[k], fmt, optimize=True)
+        assert qp[k].to_bytes().tobytes() == want.to_bytes().tobytes()
+    plain = jquant.quantize_model(params, {"a": "q4_k", ".*": "q4_0"}, min_size=0)
+    assert plain["a"].to_bytes().tobytes() != qp["a"].to_bytes().tobytes()
+
+
+def test_cli_optimize_writes_lower_error_gguf(tmp_path):
+    from safetensors.numpy import save_file
+
+    from jquant._cli.main import main
+
+    x = _data()
+    save_file({"w": x}, str(tmp_path / "m.safetensors"))
+    errs = []
+    for extra in ([], ["--optimize"]):
+        out = tmp_path / f"m{len(extra)}.gguf"
+        assert main(["quantize", str(tmp_path / "m.safetensors"), "-o", str(out), "-t", "q4_0",
+                     "-q", *extra]) == 0  # fmt: skip
+        y = np.asarray(jquant.dequantize_tensor(jquant.load_gguf(out)["w"]))
+        errs.append(float(((y - x) ** 2).sum()))
+    assert errs[1] < errs[0]

@@ -18,7 +18,6 @@ from .._errors import (
     UnsupportedDTypeError,
 )
 from .._formats.quant_type import QuantType, QuantTypeLike
-from .._formats.refine import optimize_fields
 from .._formats.registry import FLOAT_DTYPES, FormatSpec
 from .blocks import bad_blocks, check_fields, num_blocks, pad_rows
 from .tensor import QuantizedTensor
@@ -103,10 +102,7 @@ def _quantize_jit(x, lo, hi, qw=None, *, qtype: QuantType, diagnose: bool, optim
     rows = as_rows(x, spec)
     if qw is not None:
         qw = pad_rows(qw.astype(jnp.float32), spec.block_size)
-    if optimize and spec.is_block_quantized:
-        fields = optimize_fields(spec, rows, qw)
-    else:
-        fields = spec.encode(rows, qw)
+    fields = spec.encode(rows, qw, optimize=optimize)
     blocks = as_blocks(rows, spec)
     check_fields(fields, spec, blocks.shape[:-1])
     diag = _diagnose(blocks, fields, spec) if diagnose else None

@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from .._errors import QuantError, UnsupportedDTypeError
-from . import floats, iq4, kquant_affine, kquant_symmetric, legacy
+from . import floats, iq4, kquant_affine, kquant_symmetric, legacy, refine
 from .quant_type import FORMATS, QuantType, QuantTypeLike
 
 __all__ = [
@@ -190,11 +190,20 @@ class FormatSpec:
                 f"{', '.join(s.name for s in formats() if s.supports_imatrix) or 'none yet'}"
             )
 
-    def encode(self, x: jax.Array, qw: jax.Array | None = None) -> Fields:
-        """Rows ``f32[..., n]`` -> the packed fields, importance-weighted when ``qw`` is given."""
+    def encode(
+        self, x: jax.Array, qw: jax.Array | None = None, *, optimize: bool = False
+    ) -> Fields:
+        """Rows ``f32[..., n]`` -> the packed fields, importance-weighted when ``qw`` is given.
+
+        ``optimize=True``: the error-optimised bytes of :func:`refine.optimize_fields`
+        (block formats; float formats ignore it).
+        """
+        if qw is not None:
+            self.require_imatrix()
+        if optimize and self.is_block_quantized:
+            return refine.optimize_fields(self, x, qw)
         if qw is None:
             return self.quantize(x)
-        self.require_imatrix()
         return self.quantize_weighted(x, qw)
 
     def decode(self, fields: Fields) -> jax.Array:

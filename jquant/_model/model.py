@@ -58,6 +58,7 @@ def quantize_model(
     report: bool = False,
     check: bool = True,
     chunk_blocks: int = CHUNK_BLOCKS,
+    optimize: bool = False,
 ) -> Any:
     """Quantize every weight of a parameter pytree, returning the same structure.
 
@@ -98,6 +99,8 @@ def quantize_model(
         check: raise :class:`NonFiniteError` / :class:`ScaleOverflowError` naming the
           leaf's path and block when a leaf holds NaN/Inf or overflows its format.
         chunk_blocks: blocks per chunk (a power of two); bounds the extra memory.
+        optimize: error-optimised bytes, as ``quantize_tensor(..., optimize=True)`` gives
+          for each leaf (valid bytes of the same format, lower error, slower encode).
 
     Returns:
         The quantized pytree, or ``(qparams, report)`` when ``report=True``.
@@ -145,7 +148,9 @@ def quantize_model(
             )
         for i, dec in enumerate(decisions):
             if dec.qtype is not None:
-                out[i] = quantize_tensor(leaves[i], dec.qtype, check=False, name=paths[i])
+                out[i] = quantize_tensor(
+                    leaves[i], dec.qtype, check=False, name=paths[i], optimize=optimize
+                )
         return rebuild(out)
 
     groups: dict[QuantType, list[_Job]] = {}
@@ -154,14 +159,16 @@ def quantize_model(
             continue
         x = leaves[i]
         if is_multi_device(x):
-            out[i], st = quantize_sharded(x, dec.qtype, paths[i], check=check, stats=report)
+            out[i], st = quantize_sharded(
+                x, dec.qtype, paths[i], check=check, stats=report, optimize=optimize
+            )
             if st is not None:
                 stats[i] = st
         else:
             groups.setdefault(dec.qtype, []).append(_Job(i, paths[i], x, dec.qtype))
     for qtype, jobs in groups.items():
         units = max(_MIN_BUCKET, chunk_blocks * _UNIT // jobs[0].unit)
-        _run_group(jobs, qtype, units, check=check, stats=report)
+        _run_group(jobs, qtype, units, check=check, stats=report, optimize=optimize)
         for job in jobs:
             out[job.index] = job.result
             if report:
@@ -337,12 +344,12 @@ def _fields(qt: QuantType, unit: int) -> dict[str, jax.ShapeDtypeStruct]:
     return jax.eval_shape(qt.spec.encode, jax.ShapeDtypeStruct((1, unit), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("qtype", "stats"))
-def _quantize_chunk(units, valid, *, qtype: QuantType, stats: bool):
+@functools.partial(jax.jit, static_argnames=("qtype", "stats", "optimize"))
+def _quantize_chunk(units, valid, *, qtype: QuantType, stats: bool, optimize: bool = False):
     """Quantize ``[size, unit]`` units; per unit: the fields, bad flags and error sums."""
     spec = qtype.spec
     size, unit = units.shape
-    fields = spec.encode(units)
+    fields = spec.encode(units, optimize=optimize)
     blocks = units.reshape(size, unit // spec.block_size, spec.block_size)
     check_fields(fields, spec, blocks.shape[:-1])
     bad = bad_blocks(blocks, fields, spec).any(axis=-1)
@@ -421,7 +428,9 @@ def _direct(parts, size: int) -> np.ndarray | None:
 _DEPTH = 2  # chunks in flight: filling the next overlaps quantizing the previous
 
 
-def _run_group(jobs: list[_Job], qtype: QuantType, chunk: int, *, check: bool, stats: bool):
+def _run_group(
+    jobs: list[_Job], qtype: QuantType, chunk: int, *, check: bool, stats: bool, optimize: bool
+):
     free: list[np.ndarray] = []  # host buffers of collected chunks, for reuse
     pending: collections.deque = collections.deque()
     for size, parts in _schedule(jobs, chunk):
@@ -445,7 +454,11 @@ def _run_group(jobs: list[_Job], qtype: QuantType, chunk: int, *, check: bool, s
                 if job.filled == job.n_units:
                     job._units = None  # drop a padded copy as soon as it's been used
             launched = _quantize_chunk(
-                jax.device_put(src, may_alias=True), valid, qtype=qtype, stats=stats
+                jax.device_put(src, may_alias=True),
+                valid,
+                qtype=qtype,
+                stats=stats,
+                optimize=optimize,
             )
         pending.append((parts, launched, buf))
         if len(pending) > _DEPTH:
