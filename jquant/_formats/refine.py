@@ -16,6 +16,9 @@ module searches harder and keeps the format, block by block:
 3. **Re-quantised levels** (the 32-value formats Q8_0, Q4_0, Q5_0, Q4_1, Q5_1,
    IQ4_NL): many more candidate scales than ggml tries, each with its nearest levels
    and a least-squares re-fit, then alternating levels and scales for a few rounds.
+   The affine K-quants (Q2_K, Q4_K, Q5_K): per group, the best neighbouring integer
+   sub-scale and min with re-quantised levels (:mod:`refine_kquant`), alternating with
+   the least-squares super-scales. Q3_K, Q6_K and IQ4_XS get steps 1 and 2 only.
 
 Each step keeps, per block, whichever candidate has the lower error, so the result is
 never worse than ggml's bytes in any block. The objective is the plain squared error,
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import iq4, legacy
+from .refine_kquant import AFFINE_K, refine_groups
 
 __all__ = ["block_errors", "choose_blocks", "linear_scales", "optimize_fields", "refit_scales"]
 
@@ -263,8 +267,12 @@ def optimize_fields(spec, x: jax.Array, qw: jax.Array | None = None, *, rounds: 
     lv = _LEVELS.get(spec.name)
     if lv is not None:
         fields, err = _scale_search(spec, lv, xb, fields, err, w)
+    kq = AFFINE_K.get(spec.name)
     for _ in range(rounds):
         fields, err = refit_scales(spec, xb, fields, err, w)
         if lv is not None:
             fields, err = _relevel(spec, lv, xb, fields, err, w)
+        if kq is not None:
+            cand = refine_groups(kq, xb, w, fields)
+            fields, err = choose_blocks(fields, err, cand, block_errors(spec, xb, cand, w))
     return fields

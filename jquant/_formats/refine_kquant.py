@@ -1,0 +1,121 @@
+"""Group-wise refinement of the affine K-quants (Q2_K, Q4_K, Q5_K) for ``optimize=True``.
+
+A K-quant super-block stores, per group, integer sub-scales ``sc`` and mins ``m``
+(6-bit in Q4_K/Q5_K, 4-bit in Q2_K) under fp16 super-scales ``d`` and ``dmin``:
+``x ≈ d * sc * q - dmin * m``. ggml picks ``sc`` and ``m`` by rounding the groups' float
+scales onto the super-scale grid, and the levels ``q`` from those. With ``d`` and
+``dmin`` fixed the groups are independent, so each group here tries the neighbouring
+integer ``(sc, m)`` pairs, re-quantises its levels for each and keeps the pair with the
+lowest (weighted) squared error; the caller then re-fits ``d`` and ``dmin`` by least
+squares and repeats. A super-block takes the new bytes only where its error drops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import kquant_affine
+
+__all__ = ["AFFINE_K", "AffineK", "refine_groups"]
+
+Fields = dict[str, jax.Array]
+
+
+class AffineK(NamedTuple):
+    """How an affine K-quant stores its groups."""
+
+    group: int  # values per group
+    smax: int  # largest integer sub-scale / min
+    nmax: int  # largest level
+    unpack: Callable[[Fields], tuple[jax.Array, jax.Array]]  # (sc, m) [..., nb, G]
+    pack: Callable[[jax.Array, jax.Array, jax.Array], Fields]  # (sc, m, q [..., nb, G, g])
+
+
+def _pack_q45(nmax: int):
+    def pack(sc, m, q):
+        lead = q.shape[:-2]
+        out = {"scales": kquant_affine.pack_scale_min_k4(sc.astype(jnp.uint8), m.astype(jnp.uint8))}
+        q = q.astype(jnp.uint8)
+        if nmax == 31:
+            shifts = jnp.arange(8, dtype=jnp.uint8).reshape((1,) * len(lead) + (8, 1))
+            out["qh"] = jnp.bitwise_or.reduce((q >> 4) << shifts, axis=-2)
+            q = q & 0xF
+        q = q.reshape(*lead, 4, 2, 32)
+        out["qs"] = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(*lead, 128)
+        return out
+
+    return pack
+
+
+def _unpack_q45(fields):
+    sc, m = kquant_affine.unpack_scale_min_k4(fields["scales"])
+    return sc.astype(jnp.int32), m.astype(jnp.int32)
+
+
+def _pack_q2(sc, m, q):
+    lead = q.shape[:-2]
+    q = q.astype(jnp.uint8).reshape(*lead, 2, 4, 32)
+    shifts = jnp.asarray([0, 2, 4, 6], jnp.uint8).reshape((1,) * len(lead) + (1, 4, 1))
+    qs = jnp.bitwise_or.reduce(q << shifts, axis=-2).reshape(*lead, 64)
+    return {"scales": sc.astype(jnp.uint8) | (m.astype(jnp.uint8) << 4), "qs": qs}
+
+
+def _unpack_q2(fields):
+    s = fields["scales"].astype(jnp.int32)
+    return s & 0xF, s >> 4
+
+
+AFFINE_K = {
+    "Q2_K": AffineK(16, 15, 3, _unpack_q2, _pack_q2),
+    "Q4_K": AffineK(32, 63, 15, _unpack_q45, _pack_q45(15)),
+    "Q5_K": AffineK(32, 63, 31, _unpack_q45, _pack_q45(31)),
+}
+
+_OFFSETS = np.asarray([(a, b) for a in range(-2, 3) for b in range(-2, 3)], np.int32)
+
+
+def refine_groups(fmt: AffineK, xb: jax.Array, w: jax.Array, fields: Fields) -> Fields:
+    """Per group, the best ``(sc, m)`` within ±2 of the current ones and its levels.
+
+    Args:
+        fmt: the format's :class:`AffineK`.
+        xb: blocks ``[..., nb, 256]``; ``w`` their weights (same shape).
+        fields: the current fields (their ``d`` and ``dmin`` are kept).
+
+    Returns:
+        Candidate fields (the caller keeps them per block where the error drops).
+    """
+    g = fmt.group
+    xg = xb.reshape(*xb.shape[:-1], -1, g)
+    wg = w.reshape(xg.shape)
+    d = fields["d"].astype(jnp.float32)[..., None]
+    dmin = fields["dmin"].astype(jnp.float32)[..., None]
+    sc0, m0 = fmt.unpack(fields)
+
+    def levels(off):
+        sc = jnp.clip(sc0 + off[0], 0, fmt.smax)
+        m = jnp.clip(m0 + off[1], 0, fmt.smax)
+        dg = (d * sc.astype(jnp.float32))[..., None]
+        dm = (dmin * m.astype(jnp.float32))[..., None]
+        ok = dg > 0
+        q = jnp.clip(jnp.round((xg + dm) / jnp.where(ok, dg, 1.0)), 0, fmt.nmax)
+        q = jnp.where(ok, q, 0.0)
+        err = jnp.sum(wg * jnp.square(xg - (dg * q - dm)), axis=-1)
+        return sc, m, q, err
+
+    def step(best, off):
+        cand = levels(off)
+        take = cand[3] < best[3]
+        return tuple(
+            jnp.where(take.reshape(take.shape + (1,) * (b.ndim - take.ndim)), c, b)
+            for b, c in zip(best, cand, strict=True)
+        ), None
+
+    best, _ = jax.lax.scan(step, levels(jnp.zeros(2, jnp.int32)), jnp.asarray(_OFFSETS))
+    sc, m, q, _ = best
+    return {**fields, **fmt.pack(sc, m, q.astype(jnp.int32))}
