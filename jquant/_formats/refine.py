@@ -33,10 +33,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import iq4, legacy
-from .refine_kquant import AFFINE_K, refine_groups
+from . import legacy
+from .refine_kquant import AffineK, refine_groups
 
-__all__ = ["block_errors", "choose_blocks", "linear_scales", "optimize_fields", "refit_scales"]
+__all__ = [
+    "INT8_LEVELS",
+    "Levels",
+    "block_errors",
+    "choose_blocks",
+    "grid_levels",
+    "linear_scales",
+    "nibble_levels",
+    "optimize_fields",
+    "refit_scales",
+]
 
 Fields = dict[str, jax.Array]
 _F16_MAX = 65504.0
@@ -124,7 +134,7 @@ def _recip(d: jax.Array) -> jax.Array:
     return jnp.where(nz, 1.0 / jnp.where(nz, d, 1.0), 0.0)
 
 
-class _Levels:
+class Levels:
     """A 32-value format seen as integer (or grid) levels: ``x ≈ d * level (+ m)``.
 
     ``grid`` is the sorted set of allowed levels; ``to_q`` maps a level to the stored
@@ -162,38 +172,46 @@ def _nibble_fields(high: bool):
     return pack
 
 
-_GRID = np.asarray(iq4.IQ4_GRID, np.float32)
-_LEVELS = {
-    "Q8_0": _Levels(
-        np.arange(-128, 128), lambda lv: lv.astype(jnp.int8), lambda q, d, m: {"d": d, "qs": q}
-    ),
-    "Q4_0": _Levels(np.arange(-8, 8), lambda lv: (lv + 8).astype(jnp.int32), _nibble_fields(False)),
-    "Q5_0": _Levels(
-        np.arange(-16, 16), lambda lv: (lv + 16).astype(jnp.int32), _nibble_fields(True)
-    ),
-    "Q4_1": _Levels(np.arange(16), lambda lv: lv.astype(jnp.int32), _nibble_fields(False), True),
-    "Q5_1": _Levels(np.arange(32), lambda lv: lv.astype(jnp.int32), _nibble_fields(True), True),
-    "IQ4_NL": _Levels(
-        np.sort(_GRID),
-        lambda lv: jnp.argmin(
-            jnp.abs(lv[..., None] - jnp.asarray(_GRID).reshape((1,) * lv.ndim + (-1,))), axis=-1
-        ),
-        _nibble_fields(False),
-    ),
-}
+INT8_LEVELS = Levels(
+    np.arange(-128, 128), lambda lv: lv.astype(jnp.int8), lambda q, d, m: {"d": d, "qs": q}
+)
+"""``x = d * q``, ``q`` int8 (``qs``)."""
+
+
+def nibble_levels(bits: int, offset: int, affine: bool = False) -> Levels:
+    """``bits``-bit stored integers ``q`` (low nibbles in ``qs``, a 5th bit in ``qh``).
+
+    Symmetric: ``x = d * (q - offset)``; affine (``offset`` 0): ``x = d * q + m``.
+    """
+    grid = np.arange(2**bits) - offset
+    return Levels(
+        grid, lambda lv: (lv + offset).astype(jnp.int32), _nibble_fields(bits == 5), affine
+    )
+
+
+def grid_levels(grid: np.ndarray) -> Levels:
+    """``x = d * grid[q]``, ``q`` a nibble index into a non-uniform ``grid``."""
+    g = np.asarray(grid, np.float32)
+
+    def to_q(lv):
+        table = jnp.asarray(g).reshape((1,) * lv.ndim + (-1,))
+        return jnp.argmin(jnp.abs(lv[..., None] - table), axis=-1)
+
+    return Levels(np.sort(g), to_q, _nibble_fields(False))
+
 
 _STRETCH = np.linspace(0.6, 1.3, 71, dtype=np.float32)
 """Candidate scales: the block's largest value on level ``grid_end * t`` for these ``t``."""
 
 
-def _relevel(spec, lv: _Levels, xb, fields, err, w):
+def _relevel(spec, lv: Levels, xb, fields, err, w):
     """Nearest levels for the block's current scales, kept per block where better."""
     d, m = fields["d"], fields.get("m")
     cand = lv.encode(lv.levels(xb, d, m), d, m)
     return choose_blocks(fields, err, cand, block_errors(spec, xb, cand, w))
 
 
-def _scale_search(spec, lv: _Levels, xb, fields, err, w):
+def _scale_search(spec, lv: Levels, xb, fields, err, w):
     """Try many scales per block: level, least-squares re-fit, keep the best.
 
     One candidate at a time (``lax.scan``), so memory stays that of a few copies of the
@@ -264,10 +282,10 @@ def optimize_fields(spec, x: jax.Array, qw: jax.Array | None = None, *, rounds: 
     for cand in starts[1:]:
         fields, err = choose_blocks(fields, err, cand, block_errors(spec, xb, cand, w))
 
-    lv = _LEVELS.get(spec.name)
+    lv = spec.refine if isinstance(spec.refine, Levels) else None
+    kq = spec.refine if isinstance(spec.refine, AffineK) else None
     if lv is not None:
         fields, err = _scale_search(spec, lv, xb, fields, err, w)
-    kq = AFFINE_K.get(spec.name)
     for _ in range(rounds):
         fields, err = refit_scales(spec, xb, fields, err, w)
         if lv is not None:

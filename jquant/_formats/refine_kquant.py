@@ -21,7 +21,7 @@ import numpy as np
 
 from . import kquant_affine
 
-__all__ = ["AFFINE_K", "AffineK", "refine_groups"]
+__all__ = ["AFFINE_K2", "AFFINE_K4", "AFFINE_K5", "AffineK", "refine_groups"]
 
 Fields = dict[str, jax.Array]
 
@@ -36,7 +36,7 @@ class AffineK(NamedTuple):
     pack: Callable[[jax.Array, jax.Array, jax.Array], Fields]  # (sc, m, q [..., nb, G, g])
 
 
-def _pack_q45(nmax: int):
+def _pack_k_nibbles(nmax: int):
     def pack(sc, m, q):
         lead = q.shape[:-2]
         out = {"scales": kquant_affine.pack_scale_min_k4(sc.astype(jnp.uint8), m.astype(jnp.uint8))}
@@ -52,12 +52,12 @@ def _pack_q45(nmax: int):
     return pack
 
 
-def _unpack_q45(fields):
+def _unpack_k_6bit(fields):
     sc, m = kquant_affine.unpack_scale_min_k4(fields["scales"])
     return sc.astype(jnp.int32), m.astype(jnp.int32)
 
 
-def _pack_q2(sc, m, q):
+def _pack_k_crumbs(sc, m, q):
     lead = q.shape[:-2]
     q = q.astype(jnp.uint8).reshape(*lead, 2, 4, 32)
     shifts = jnp.asarray([0, 2, 4, 6], jnp.uint8).reshape((1,) * len(lead) + (1, 4, 1))
@@ -65,16 +65,17 @@ def _pack_q2(sc, m, q):
     return {"scales": sc.astype(jnp.uint8) | (m.astype(jnp.uint8) << 4), "qs": qs}
 
 
-def _unpack_q2(fields):
+def _unpack_k_4bit(fields):
     s = fields["scales"].astype(jnp.int32)
     return s & 0xF, s >> 4
 
 
-AFFINE_K = {
-    "Q2_K": AffineK(16, 15, 3, _unpack_q2, _pack_q2),
-    "Q4_K": AffineK(32, 63, 15, _unpack_q45, _pack_q45(15)),
-    "Q5_K": AffineK(32, 63, 31, _unpack_q45, _pack_q45(31)),
-}
+AFFINE_K2 = AffineK(16, 15, 3, _unpack_k_4bit, _pack_k_crumbs)
+"""2-bit levels, 4-bit sub-scales and mins in one byte, groups of 16."""
+AFFINE_K4 = AffineK(32, 63, 15, _unpack_k_6bit, _pack_k_nibbles(15))
+"""4-bit levels, 6-bit sub-scales and mins in 12 bytes, groups of 32."""
+AFFINE_K5 = AffineK(32, 63, 31, _unpack_k_6bit, _pack_k_nibbles(31))
+"""5-bit levels (high bits in ``qh``), 6-bit sub-scales and mins, groups of 32."""
 
 _OFFSETS = np.asarray([(a, b) for a in range(-2, 3) for b in range(-2, 3)], np.int32)
 

@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from .._errors import QuantError, UnsupportedDTypeError
-from . import floats, iq4, kquant_affine, kquant_symmetric, legacy, refine
+from . import floats, iq4, kquant_affine, kquant_symmetric, legacy, refine, refine_kquant
 from .quant_type import FORMATS, QuantType, QuantTypeLike
 
 __all__ = [
@@ -97,6 +97,9 @@ class FormatSpec:
         fallback: what llama.cpp writes for rows that aren't a multiple of the block
           (``None``: the tensor's float dtype, F16/BF16/F32).
         qtype: the :class:`~jquant.QuantType` member, ``None`` for a run-time format.
+        refine: the format's extra search steps for ``optimize=True`` (a
+          :class:`refine.Levels` or :class:`refine_kquant.AffineK`); ``None``: the
+          generic steps only.
     """
 
     name: str
@@ -114,6 +117,7 @@ class FormatSpec:
     bits: int | None = None
     fallback: QuantType | None = None
     qtype: QuantType | None = None
+    refine: Any = None
 
     def __post_init__(self):
         fields = tuple(Field(n, np.dtype(d), tuple(s)) for n, d, s in self.fields)
@@ -438,6 +442,22 @@ _BLOCKS = tuple(
     if s.name in _WEIGHTED_LEGACY
     else s
     for s in _BLOCKS
+)
+
+_REFINE = {
+    "Q8_0": refine.INT8_LEVELS,
+    "Q4_0": refine.nibble_levels(4, 8),
+    "Q5_0": refine.nibble_levels(5, 16),
+    "Q4_1": refine.nibble_levels(4, 0, affine=True),
+    "Q5_1": refine.nibble_levels(5, 0, affine=True),
+    "IQ4_NL": refine.grid_levels(iq4.IQ4_GRID),
+    "Q2_K": refine_kquant.AFFINE_K2,
+    "Q4_K": refine_kquant.AFFINE_K4,
+    "Q5_K": refine_kquant.AFFINE_K5,
+}
+_BLOCKS, _KQUANTS = (
+    tuple(dataclasses.replace(s, refine=_REFINE.get(s.name)) for s in group)
+    for group in (_BLOCKS, _KQUANTS)
 )
 
 for _spec in (*_BLOCKS, *_FLOATS, *_KQUANTS):
