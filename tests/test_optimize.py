@@ -48,7 +48,7 @@ def _block_errors(q: jquant.QuantizedTensor, x: np.ndarray, qw: np.ndarray | Non
 
 # every format unweighted; the imatrix path (same code, weighted sums) on one of each kind
 _CASES = [(f, False) for f in BLOCK_FORMATS] + [
-    (f, True) for f in ("Q4_0", "Q5_1", "IQ4_NL", "Q2_K", "Q4_K", "Q6_K")
+    (f, True) for f in ("Q5_1", "IQ4_NL", "Q4_K", "Q6_K")
 ]
 
 
