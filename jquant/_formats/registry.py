@@ -454,6 +454,7 @@ _REFINE = {
     "Q2_K": refine_kquant.AFFINE_K2,
     "Q4_K": refine_kquant.AFFINE_K4,
     "Q5_K": refine_kquant.AFFINE_K5,
+    "Q6_K": refine_kquant.SYMMETRIC_K6,
 }
 _BLOCKS, _KQUANTS = (
     tuple(dataclasses.replace(s, refine=_REFINE.get(s.name)) for s in group)
