@@ -16,9 +16,9 @@ module searches harder and keeps the format, block by block:
 3. **Re-quantised levels** (the 32-value formats Q8_0, Q4_0, Q5_0, Q4_1, Q5_1,
    IQ4_NL): many more candidate scales than ggml tries, each with its nearest levels
    and a least-squares re-fit, then alternating levels and scales for a few rounds.
-   The affine K-quants (Q2_K, Q4_K, Q5_K): per group, the best neighbouring integer
-   sub-scale and min with re-quantised levels (:mod:`refine_kquant`), alternating with
-   the least-squares super-scales. Q3_K, Q6_K and IQ4_XS get steps 1 and 2 only.
+   Q2_K, Q4_K, Q5_K and Q6_K: per group, the best neighbouring integer sub-scale (and
+   min) with re-quantised levels (:mod:`refine_kquant`), alternating with the
+   least-squares super-scales. Q3_K and IQ4_XS get steps 1 and 2 only.
 
 Each step keeps, per block, whichever candidate has the lower error, so the result is
 never worse than ggml's bytes in any block. The objective is the plain squared error,
