@@ -130,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also quantize 1-D tensors (biases, norm scales); kept by default",
     )
+    q.add_argument(
+        "--optimize",
+        action="store_true",
+        help="search for lower-error bytes than ggml's (still valid GGML bytes of the same "
+        "formats; several times slower to encode)",
+    )
     q.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     add_llama_arguments(q)
@@ -322,6 +328,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             metadata=meta,
             progress=callback,
             inputs=[args.input],
+            optimize=args.optimize,
         )
     elapsed = time.perf_counter() - t0
     file_size = os.path.getsize(args.output)

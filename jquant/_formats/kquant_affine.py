@@ -38,11 +38,13 @@ __all__ = [
     "dequantize_q2_k",
     "dequantize_q4_k",
     "dequantize_q5_k",
+    "pack_scale_min_k4",
     "quantize_q2_k",
     "quantize_q4_1_weighted",
     "quantize_q4_k",
     "quantize_q5_1_weighted",
     "quantize_q5_k",
+    "unpack_scale_min_k4",
 ]
 
 QK_K = 256
@@ -111,7 +113,7 @@ def _u8(q: jax.Array) -> jax.Array:
     return (q & 255).astype(jnp.uint8)
 
 
-def _pack_scale_min_k4(ls: jax.Array, lm: jax.Array) -> jax.Array:
+def pack_scale_min_k4(ls: jax.Array, lm: jax.Array) -> jax.Array:
     """The 12-byte 6-bit packing of quantize_row_q4_K (``[..., 8]`` uint8 each)."""
     lo_s, hi_s = ls[..., :4], ls[..., 4:]
     lo_m, hi_m = lm[..., :4], lm[..., 4:]
@@ -125,7 +127,7 @@ def _pack_scale_min_k4(ls: jax.Array, lm: jax.Array) -> jax.Array:
     )
 
 
-def _unpack_scale_min_k4(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+def unpack_scale_min_k4(q: jax.Array) -> tuple[jax.Array, jax.Array]:
     """ggml's ``get_scale_min_k4`` for j = 0..7: ``(sc, m)`` uint8 ``[..., 8]``."""
     a, b, c = q[..., 0:4], q[..., 4:8], q[..., 8:12]
     sc = jnp.concatenate([a & 63, (c & 0xF) | ((a >> 6) << 4)], axis=-1)
@@ -190,8 +192,8 @@ def _q45_k(x, qw, nmax, rmin, nstep):
         if nmax == 31:  # quantize_row_q5_K_impl clamps, q4_K's doesn't
             ls, lm = jnp.minimum(ls, 63), jnp.minimum(lm, 63)
         d, dmin = d_block.astype(jnp.float16), m_block.astype(jnp.float16)
-    packed = _pack_scale_min_k4(ls, lm)
-    sc, m = _unpack_scale_min_k4(packed)
+    packed = pack_scale_min_k4(ls, lm)
+    sc, m = unpack_scale_min_k4(packed)
     levels = _requantize(xt, levels, d, dmin, sc, m, nmax)
     q = _ungroup(levels, nb).astype(jnp.uint8).reshape(nb, 4, 2, 32)
     fields = {"d": d, "dmin": dmin, "scales": packed}
@@ -255,13 +257,13 @@ def _nibbles_k(qs: jax.Array) -> jax.Array:
 
 def dequantize_q4_k(fields: dict[str, jax.Array]) -> jax.Array:
     """float32 ``[..., n_blocks, 256]``, bit for bit ``gguf.quants.dequantize``."""
-    sc, m = _unpack_scale_min_k4(fields["scales"])
+    sc, m = unpack_scale_min_k4(fields["scales"])
     return _dequantize_k_affine(fields["d"], fields["dmin"], sc, m, _nibbles_k(fields["qs"]))
 
 
 def dequantize_q5_k(fields: dict[str, jax.Array]) -> jax.Array:
     """float32 ``[..., n_blocks, 256]``, bit for bit ``gguf.quants.dequantize``."""
-    sc, m = _unpack_scale_min_k4(fields["scales"])
+    sc, m = unpack_scale_min_k4(fields["scales"])
     qh = fields["qh"][..., None, :]
     qh = qh >> _shifts(list(range(8)), jnp.uint8, qh.ndim)
     q = _nibbles_k(fields["qs"]) | ((qh & 1) << 4)

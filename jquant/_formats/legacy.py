@@ -36,6 +36,8 @@ __all__ = [
     "dequantize_q5_0",
     "dequantize_q5_1",
     "dequantize_q8_0",
+    "pack_high_bits",
+    "pack_nibbles",
     "quantize_q4_0",
     "quantize_q4_1",
     "quantize_q5_0",
@@ -107,14 +109,14 @@ def _first_extreme(blocks: jax.Array, value: jax.Array) -> jax.Array:
     return lax.cond(jnp.any(value == 0), exact, lambda _: value, blocks)
 
 
-def _pack_nibbles(q: jax.Array) -> jax.Array:
+def pack_nibbles(q: jax.Array) -> jax.Array:
     """Element j goes to the low nibble of byte j, element j+16 to its high nibble."""
     q = q.astype(jnp.uint8)
     lo, hi = q[..., :_HALF], q[..., _HALF:]
     return (lo & 0x0F) | (hi << 4)
 
 
-def _pack_high_bits(q: jax.Array) -> jax.Array:
+def pack_high_bits(q: jax.Array) -> jax.Array:
     """Bit j of the uint32 ``qh`` is bit 4 of element j."""
     bits = (q.astype(jnp.uint32) >> 4) & 1
     return jnp.sum(bits << _bit_positions(bits.ndim), axis=-1, dtype=jnp.uint32)
@@ -169,25 +171,25 @@ def quantize_q8_0(x: jax.Array) -> dict[str, jax.Array]:
 def quantize_q4_0(x: jax.Array) -> dict[str, jax.Array]:
     """Q4_0: 4-bit symmetric, ``x = (q - 8) * d``."""
     d, q = _symmetric(_blocks(x), 8, 15)
-    return {"d": d, "qs": _pack_nibbles(q)}
+    return {"d": d, "qs": pack_nibbles(q)}
 
 
 def quantize_q5_0(x: jax.Array) -> dict[str, jax.Array]:
     """Q5_0: 5-bit symmetric, ``x = (q - 16) * d``; bit 4 of every value in ``qh``."""
     d, q = _symmetric(_blocks(x), 16, 31)
-    return {"d": d, "qh": _pack_high_bits(q), "qs": _pack_nibbles(q)}
+    return {"d": d, "qh": pack_high_bits(q), "qs": pack_nibbles(q)}
 
 
 def quantize_q4_1(x: jax.Array) -> dict[str, jax.Array]:
     """Q4_1: 4-bit affine, ``x = q * d + m``."""
     d, m, q = _affine(_blocks(x), 15)
-    return {"d": d, "m": m, "qs": _pack_nibbles(q)}
+    return {"d": d, "m": m, "qs": pack_nibbles(q)}
 
 
 def quantize_q5_1(x: jax.Array) -> dict[str, jax.Array]:
     """Q5_1: 5-bit affine, ``x = q * d + m``; bit 4 of every value in ``qh``."""
     d, m, q = _affine(_blocks(x), 31)
-    return {"d": d, "m": m, "qh": _pack_high_bits(q), "qs": _pack_nibbles(q)}
+    return {"d": d, "m": m, "qh": pack_high_bits(q), "qs": pack_nibbles(q)}
 
 
 # Dequantizing is exact: an fp16 scale times a small integer is representable in

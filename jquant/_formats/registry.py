@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from .._errors import QuantError, UnsupportedDTypeError
-from . import floats, iq4, kquant_affine, kquant_symmetric, legacy
+from . import floats, iq4, kquant_affine, kquant_symmetric, legacy, refine, refine_kquant
 from .quant_type import FORMATS, QuantType, QuantTypeLike
 
 __all__ = [
@@ -101,6 +101,9 @@ class FormatSpec:
         fallback: what llama.cpp writes for rows that aren't a multiple of the block
           (``None``: the tensor's float dtype, F16/BF16/F32).
         qtype: the :class:`~jquant.QuantType` member, ``None`` for a run-time format.
+        refine: the format's extra search steps for ``optimize=True`` (a
+          :class:`refine.Levels` or :class:`refine_kquant.AffineK`); ``None``: the
+          generic steps only.
     """
 
     name: str
@@ -119,6 +122,7 @@ class FormatSpec:
     max_abs: float | None = None
     fallback: QuantType | None = None
     qtype: QuantType | None = None
+    refine: Any = None
 
     def __post_init__(self):
         fields = tuple(Field(n, np.dtype(d), tuple(s)) for n, d, s in self.fields)
@@ -195,11 +199,20 @@ class FormatSpec:
                 f"{', '.join(s.name for s in formats() if s.supports_imatrix) or 'none yet'}"
             )
 
-    def encode(self, x: jax.Array, qw: jax.Array | None = None) -> Fields:
-        """Rows ``f32[..., n]`` -> the packed fields, importance-weighted when ``qw`` is given."""
+    def encode(
+        self, x: jax.Array, qw: jax.Array | None = None, *, optimize: bool = False
+    ) -> Fields:
+        """Rows ``f32[..., n]`` -> the packed fields, importance-weighted when ``qw`` is given.
+
+        ``optimize=True``: the error-optimised bytes of :func:`refine.optimize_fields`
+        (block formats; float formats ignore it).
+        """
+        if qw is not None:
+            self.require_imatrix()
+        if optimize and self.is_block_quantized:
+            return refine.optimize_fields(self, x, qw)
         if qw is None:
             return self.quantize(x)
-        self.require_imatrix()
         return self.quantize_weighted(x, qw)
 
     def decode(self, fields: Fields) -> jax.Array:
@@ -439,6 +452,23 @@ _BLOCKS = tuple(
     if s.name in _WEIGHTED_LEGACY
     else s
     for s in _BLOCKS
+)
+
+_REFINE = {
+    "Q8_0": refine.INT8_LEVELS,
+    "Q4_0": refine.nibble_levels(4, 8),
+    "Q5_0": refine.nibble_levels(5, 16),
+    "Q4_1": refine.nibble_levels(4, 0, affine=True),
+    "Q5_1": refine.nibble_levels(5, 0, affine=True),
+    "IQ4_NL": refine.grid_levels(iq4.IQ4_GRID),
+    "Q2_K": refine_kquant.AFFINE_K2,
+    "Q4_K": refine_kquant.AFFINE_K4,
+    "Q5_K": refine_kquant.AFFINE_K5,
+    "Q6_K": refine_kquant.SYMMETRIC_K6,
+}
+_BLOCKS, _KQUANTS = (
+    tuple(dataclasses.replace(s, refine=_REFINE.get(s.name)) for s in group)
+    for group in (_BLOCKS, _KQUANTS)
 )
 
 for _spec in (*_BLOCKS, *_FLOATS, *_KQUANTS):

@@ -301,6 +301,7 @@ def convert_sources(
     metadata: Mapping[str, Any] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     inputs: Iterable[str | os.PathLike] = (),
+    optimize: bool = False,
 ) -> ModelReport:
     """Quantize tensors one at a time into a GGUF file (see :func:`convert_safetensors`).
 
@@ -326,7 +327,14 @@ def convert_sources(
             e = array_entry(src.name, _Lazy(src))
             reason = dec.reason
         else:
-            e = Entry(src.name, "q", src.dtype.name, src.shape, qt.ggml_type, _quantizer(src, qt))
+            e = Entry(
+                src.name,
+                "q",
+                src.dtype.name,
+                src.shape,
+                qt.ggml_type,
+                _quantizer(src, qt, optimize),
+            )
             reason = None
         entries.append(e)
         rows.append(
@@ -368,10 +376,11 @@ class _Lazy:
         return a if dtype is None else a.astype(dtype)
 
 
-def _quantizer(src: Source, qt: QuantType) -> Callable[[], np.ndarray]:
+def _quantizer(src: Source, qt: QuantType, optimize: bool = False) -> Callable[[], np.ndarray]:
     def produce():
         x = src.load()
-        q = quantize_model({src.name: x}, qt, min_size=0, keep_1d=False)[src.name]
+        q = quantize_model({src.name: x}, qt, min_size=0, keep_1d=False, optimize=optimize)
+        q = q[src.name]
         del x
         assert isinstance(q, QuantizedTensor)
         return q.to_bytes()
@@ -388,6 +397,7 @@ def convert_safetensors(
     keep_1d: bool = True,
     metadata: Mapping[str, Any] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    optimize: bool = False,
 ) -> ModelReport:
     """Convert a ``.safetensors`` checkpoint to a quantized GGUF file, tensor by tensor.
 
@@ -407,6 +417,7 @@ def convert_safetensors(
         min_size, keep_1d: the defaults of :func:`quantize_model`.
         metadata: extra GGUF metadata (see :func:`save_gguf`).
         progress: ``progress(bytes_done, bytes_total, name)`` after each tensor.
+        optimize: error-optimised bytes (see :func:`quantize_tensor`).
 
     Returns:
         A :class:`ModelReport` with each tensor's format and sizes (no error columns).
@@ -441,4 +452,5 @@ def convert_safetensors(
         metadata=meta,
         progress=progress,
         inputs=[src],
+        optimize=optimize,
     )

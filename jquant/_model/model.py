@@ -74,6 +74,7 @@ def quantize_model(
     check: bool = True,
     chunk_blocks: int = CHUNK_BLOCKS,
     imatrix: Any = None,
+    optimize: bool = False,
 ) -> Any:
     """Quantize every weight of a parameter pytree, returning the same structure.
 
@@ -122,6 +123,8 @@ def quantize_model(
           (whole, outside the chunk stream: the weighted legacy formats use per-row
           statistics); leaves in formats without a weighted encoder (Q8_0, floats)
           ignore their weights, as llama.cpp does.
+        optimize: error-optimised bytes, as ``quantize_tensor(..., optimize=True)`` gives
+          for each leaf (valid bytes of the same format, lower error, slower encode).
 
     Returns:
         The quantized pytree, or ``(qparams, report)`` when ``report=True``.
@@ -178,7 +181,12 @@ def quantize_model(
         for i, dec in enumerate(decisions):
             if dec.qtype is not None:
                 out[i] = quantize_tensor(
-                    leaves[i], dec.qtype, check=False, name=paths[i], imatrix=weights.get(i)
+                    leaves[i],
+                    dec.qtype,
+                    check=False,
+                    name=paths[i],
+                    imatrix=weights.get(i),
+                    optimize=optimize,
                 )
         return rebuild(out)
 
@@ -190,21 +198,25 @@ def quantize_model(
         if check:
             check_float32_range(x, dec.qtype, paths[i])
         if i in weights:
-            out[i] = quantize_tensor(x, dec.qtype, imatrix=weights[i], check=check, name=paths[i])
+            out[i] = quantize_tensor(
+                x, dec.qtype, imatrix=weights[i], check=check, name=paths[i], optimize=optimize
+            )
             if report:
                 xs = np.asarray(x, np.float64)
                 ys = np.asarray(dequantize_tensor(out[i]), np.float64)
                 sq, mx, ab, sig = error_sums(xs, ys)
                 stats[i] = (float(sq), float(mx), float(ab), float(sig), xs.size)
         elif is_multi_device(x):
-            out[i], st = quantize_sharded(x, dec.qtype, paths[i], check=check, stats=report)
+            out[i], st = quantize_sharded(
+                x, dec.qtype, paths[i], check=check, stats=report, optimize=optimize
+            )
             if st is not None:
                 stats[i] = st
         else:
             groups.setdefault(dec.qtype, []).append(_Job(i, paths[i], x, dec.qtype))
     for qtype, jobs in groups.items():
         units = max(_MIN_BUCKET, chunk_blocks * _UNIT // jobs[0].unit)
-        _run_group(jobs, qtype, units, check=check, stats=report)
+        _run_group(jobs, qtype, units, check=check, stats=report, optimize=optimize)
         for job in jobs:
             out[job.index] = job.result
             if report:
@@ -439,12 +451,12 @@ def _fields(qt: QuantType, unit: int) -> dict[str, jax.ShapeDtypeStruct]:
     return jax.eval_shape(qt.spec.encode, jax.ShapeDtypeStruct((1, unit), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("qtype", "stats"))
-def _quantize_chunk(units, valid, *, qtype: QuantType, stats: bool):
+@functools.partial(jax.jit, static_argnames=("qtype", "stats", "optimize"))
+def _quantize_chunk(units, valid, *, qtype: QuantType, stats: bool, optimize: bool = False):
     """Quantize ``[size, unit]`` units; per unit: the fields, bad flags and error sums."""
     spec = qtype.spec
     size, unit = units.shape
-    fields = spec.encode(units)
+    fields = spec.encode(units, optimize=optimize)
     blocks = units.reshape(size, unit // spec.block_size, spec.block_size)
     check_fields(fields, spec, blocks.shape[:-1])
     bad = bad_blocks(blocks, fields, spec).any(axis=-1)
@@ -523,7 +535,9 @@ def _direct(parts, size: int) -> np.ndarray | None:
 _DEPTH = 2  # chunks in flight: filling the next overlaps quantizing the previous
 
 
-def _run_group(jobs: list[_Job], qtype: QuantType, chunk: int, *, check: bool, stats: bool):
+def _run_group(
+    jobs: list[_Job], qtype: QuantType, chunk: int, *, check: bool, stats: bool, optimize: bool
+):
     free: list[np.ndarray] = []  # host buffers of collected chunks, for reuse
     pending: collections.deque = collections.deque()
     for size, parts in _schedule(jobs, chunk):
@@ -547,7 +561,11 @@ def _run_group(jobs: list[_Job], qtype: QuantType, chunk: int, *, check: bool, s
                 if job.filled == job.n_units:
                     job._units = None  # drop a padded copy as soon as it's been used
             launched = _quantize_chunk(
-                jax.device_put(src, may_alias=True), valid, qtype=qtype, stats=stats
+                jax.device_put(src, may_alias=True),
+                valid,
+                qtype=qtype,
+                stats=stats,
+                optimize=optimize,
             )
         pending.append((parts, launched, buf))
         if len(pending) > _DEPTH:

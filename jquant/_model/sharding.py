@@ -81,12 +81,12 @@ def _sharded_out(x: jax.Array, qtype: QuantType, path: str):
 
 
 @functools.lru_cache(maxsize=256)
-def _sharded_fn(qtype: QuantType, shardings, stats: bool):
+def _sharded_fn(qtype: QuantType, shardings, stats: bool, optimize: bool = False):
     spec = qtype.spec
 
     def f(x):
         rows = as_rows(x, spec)
-        leaves = spec.encode(rows)
+        leaves = spec.encode(rows, optimize=optimize)
         blocks = as_blocks(rows, spec)
         bad = bad_blocks(blocks, leaves, spec).any()
         sums = None
@@ -128,13 +128,15 @@ def _to_mesh(x: jax.Array, mesh) -> jax.Array:
     return x
 
 
-def quantize_sharded(x: jax.Array, qtype: QuantType, path: str, *, check: bool, stats: bool):
+def quantize_sharded(
+    x: jax.Array, qtype: QuantType, path: str, *, check: bool, stats: bool, optimize: bool = False
+):
     """Quantize a multi-device leaf where it lives: ``(QuantizedTensor, error sums | None)``."""
     check_dtype(x, path)
     xa = _to_auto(x)
     shardings = _sharded_out(xa, qtype, path)
     key = tuple(sorted(shardings.items())) if shardings is not None else None
-    leaves, bad, sums = _sharded_fn(qtype, key, stats)(xa)
+    leaves, bad, sums = _sharded_fn(qtype, key, stats, optimize)(xa)
     if isinstance(x.sharding, NamedSharding):
         leaves = {k: _to_mesh(v, x.sharding.mesh) for k, v in leaves.items()}
     if check and bool(bad):
