@@ -4,6 +4,10 @@ import os
 
 # Must happen before jax is imported anywhere: fake devices for the sharding tests.
 os.environ.setdefault("XLA_FLAGS", "")
+# The CLI's persistent compilation cache is process-wide jax config: tests that call the
+# CLI in-process must not switch it on for every test after them (the one test of the
+# cache runs the CLI in a subprocess and clears this variable there).
+os.environ.setdefault("JQUANT_NO_COMPILE_CACHE", "1")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

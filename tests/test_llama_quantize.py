@@ -316,6 +316,7 @@ def test_the_command_line_keeps_compiled_kernels(models, tmp_path):
     cache = tmp_path / "xla"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JQUANT_CACHE_DIR": str(cache)}
     env.pop("XLA_FLAGS", None)
+    env.pop("JQUANT_NO_COMPILE_CACHE", None)  # conftest turns it off for in-process runs
     cmd = [sys.executable, "-m", "jquant", "quantize", str(models["row160"]), "-t", "q5_1"]
     off = subprocess.run(
         [*cmd, "-o", str(tmp_path / "a.gguf"), "--json"],
