@@ -53,12 +53,26 @@ def test_engines_write_ggml_bytes(type_name, case, mesh):
         np.testing.assert_array_equal(b, want, err_msg=f"{type_name} {case} via {engine}")
 
 
+# The ``tiny`` case's importances (~1e-13) make ggml's weighted sums subnormal, and XLA:CPU
+# flushes subnormals to zero (no flag turns that off): a few of its blocks differ.
+SUBNORMAL = {("Q2_K", "tiny"), ("Q5_K", "tiny")}
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("type_name", [t[: -len("+imatrix")] for t in TYPES if "+imatrix" in t])
-def test_importance_weighted_bytes(type_name, case):
+def test_importance_weighted_bytes(type_name, case, request):
     spec = _spec(type_name)
     if not spec.supports_imatrix:
         pytest.skip(f"{type_name} has no weighted encoder registered yet")
+    if (type_name, case) in SUBNORMAL:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="XLA:CPU flushes subnormals"))
     x, w = VECTORS[f"x/{case}"], VECTORS[f"imatrix/{case}"]
-    got = jquant.quantize_tensor(x, spec, imatrix=w).to_bytes()
-    np.testing.assert_array_equal(got, VECTORS[f"{type_name}+imatrix/{case}"])
+    want = VECTORS[f"{type_name}+imatrix/{case}"]
+    got = {
+        "tensor": jquant.quantize_tensor(x, spec, imatrix=w).to_bytes(),
+        "model": jquant.quantize_model({"w": x}, spec, min_size=0, imatrix={"w": w})[
+            "w"
+        ].to_bytes(),
+    }
+    for engine, b in got.items():
+        np.testing.assert_array_equal(b, want, err_msg=f"{type_name}+imatrix {case} via {engine}")
