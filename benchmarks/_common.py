@@ -46,6 +46,21 @@ def median_time(fn: Callable[[], object], *, repeats: int = 5, min_time: float =
     return statistics.median(times)
 
 
+def wall_and_cpu(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median process CPU seconds (all threads) of ``fn()``.
+
+    The C references run on one thread and XLA may use several: the CPU-time ratio
+    compares work, the wall ratio what a user waits (both noisy on a shared machine).
+    """
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     t = time.perf_counter()
     out = fn()

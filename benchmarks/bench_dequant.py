@@ -31,21 +31,9 @@ from _common import machine, md_table, median_time, write_result  # noqa: E402
 
 import jquant  # noqa: E402
 from jquant import QuantType  # noqa: E402
+from jquant._formats.registry import formats  # noqa: E402
 
-FORMATS = [
-    QuantType.Q8_0,
-    QuantType.Q4_0,
-    QuantType.Q4_1,
-    QuantType.Q5_0,
-    QuantType.Q5_1,
-    QuantType.Q2_K,
-    QuantType.Q3_K,
-    QuantType.Q4_K,
-    QuantType.Q5_K,
-    QuantType.Q6_K,
-    QuantType.IQ4_NL,
-    QuantType.IQ4_XS,
-]
+FORMATS = [s.qtype for s in formats() if s.is_block_quantized and s.qtype is not None]
 MODEL_FORMATS = [QuantType.Q8_0, QuantType.Q4_0, QuantType.Q4_K, QuantType.Q6_K]
 GIB = 1024**3
 

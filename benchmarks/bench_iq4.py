@@ -12,9 +12,7 @@ markdown table (no results file).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -24,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
-from _common import machine, md_table, timed  # noqa: E402
+from _common import machine, md_table, timed, wall_and_cpu  # noqa: E402
 from _ggml_oracle import HAVE_GGML, ggml_quantize  # noqa: E402
 
 from jquant._formats import iq4  # noqa: E402
@@ -44,21 +42,6 @@ def to_bytes(fields: dict, spec) -> np.ndarray:
         parts.append(a.view(np.uint8).reshape(*a.shape[: a.ndim - len(shape)], -1))
     out = np.concatenate(parts, axis=-1)
     return out.reshape(out.shape[0], -1)
-
-
-def wall_and_cpu(fn, repeats: int) -> tuple[float, float]:
-    """Median wall seconds and median process CPU seconds (all threads) of ``fn()``.
-
-    On a shared machine the wall time of a multi-threaded kernel is mostly a measure of
-    the load; CPU seconds say how much work each side does.
-    """
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:

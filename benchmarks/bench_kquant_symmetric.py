@@ -14,9 +14,7 @@ uses one). Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -25,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from _common import machine, md_table, timed  # noqa: E402
+from _common import machine, md_table, timed, wall_and_cpu  # noqa: E402
 
 from jquant._formats import kquant_symmetric as ks  # noqa: E402
 from tests import _ggml_oracle as oracle  # noqa: E402
@@ -46,21 +44,6 @@ FORMATS = [
     ("Q4_0", 2, LEGACY_Q4_0, ks.quantize_q4_0_weighted, False),
     ("Q5_0", 6, LEGACY_Q5_0, ks.quantize_q5_0_weighted, False),
 ]
-
-
-def wall_and_cpu(fn, repeats: int) -> tuple[float, float]:
-    """Median wall time and median process CPU time (all threads) of ``fn()``.
-
-    The C runs on one thread; XLA may use several, so the CPU-time ratio compares work
-    and the wall ratio what a user waits (on a shared machine both are noisy).
-    """
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:

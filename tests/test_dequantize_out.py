@@ -15,21 +15,9 @@ from jax.sharding import AxisType
 
 import jquant
 from jquant import QuantType, ShapeError
+from jquant._formats.registry import formats
 
-BLOCK_FORMATS = [
-    QuantType.Q8_0,
-    QuantType.Q4_0,
-    QuantType.Q4_1,
-    QuantType.Q5_0,
-    QuantType.Q5_1,
-    QuantType.Q2_K,
-    QuantType.Q3_K,
-    QuantType.Q4_K,
-    QuantType.Q5_K,
-    QuantType.Q6_K,
-    QuantType.IQ4_NL,
-    QuantType.IQ4_XS,
-]
+BLOCK_FORMATS = [s.qtype for s in formats() if s.is_block_quantized and s.qtype is not None]
 
 
 def random_bytes(qt: QuantType, rows: int, cols: int, seed: int) -> np.ndarray:
