@@ -17,7 +17,7 @@ def test_readme_starts_with_the_two_commands():
     commands = [ln for ln in first.splitlines() if ln and not ln.startswith("#")]
     assert len(commands) == 2
     assert commands[0].endswith("pip install . && jquant")
-    assert commands[1].endswith('pip install -e ".[test]" && python -m pytest -q')
+    assert commands[1].endswith('pip install -e ".[test]" && python -m pytest -q -n 2')
     assert README.index("```bash") < README.index("```python")
 
 
