@@ -13,6 +13,7 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -27,3 +28,15 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    The suite compiles thousands of XLA programs; kept all in one process, XLA:CPU's
+    compiler crashed (SIGSEGV in backend_compile, at a different test each run, never
+    when a file runs alone). Freeing them per module keeps every worker's state small.
+    """
+    yield
+    jax.clear_caches()

@@ -80,7 +80,13 @@ def test_shape_and_dtype_preserved(x, qtype, dtype):
     assert (y.shape, y.dtype) == (x.shape, np.dtype(dtype))
 
 
-@given(x=arrays_not_tiny, qtype=st.sampled_from(list(QuantType)))
+# ggml's direct quantizers (one scale from the block's extremes) are idempotent; the K-quant
+# and IQ4 scale searches are not (a dequantized block can pick other sub-scales: Q4_K on
+# [27, 0, ..., 0] does), so they are left out of this property.
+IDEMPOTENT = [*BLOCK_FORMATS, QuantType.F16, QuantType.BF16, QuantType.F32]
+
+
+@given(x=arrays_not_tiny, qtype=st.sampled_from(IDEMPOTENT))
 def test_quantize_dequantize_quantize_is_idempotent(x, qtype):
     """quantize(dequantize(quantize(x))) == quantize(x), byte for byte."""
     q1 = _quant(jnp.asarray(x), qtype)

@@ -140,7 +140,7 @@ def test_bad_patterns_and_formats_name_the_rule():
     with pytest.raises(jquant.QuantError, match="list of \\(pattern, format\\) pairs"):
         parse_rules(["q4_0", "q8_0"])
     with pytest.raises(jquant.UnknownFormatError, match="rule 'mlp'.*Q4_0"):
-        parse_rules({"mlp": "q4_k"})
+        parse_rules({"mlp": "q7_k"})
 
 
 def test_paths():
